@@ -1,0 +1,52 @@
+# gdro: `make help` lists the targets. Everything runs inside .venv (created by `make setup`).
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_PIN ?= torch==2.13.0
+PRESET ?= toy
+ARGS ?=
+
+.PHONY: help setup test test-fast rollouts train eval bench toy-base toy-samples prompts clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+setup: $(BIN)/gdro ## create .venv and install gdro with a CPU torch (pinned, installed first)
+
+$(BIN)/gdro: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_PIN)
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+test: setup ## run the test suite
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q tests
+
+test-fast: setup ## run the tests not marked slow
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -m "not slow" tests
+
+rollouts: setup ## stage one: generate and score groups into a sharded dataset (toy world by default)
+	$(BIN)/gdro rollouts --preset $(PRESET) $(ARGS)
+
+train: setup ## stage two: DeepSpeed training from the shards
+	$(BIN)/gdro train --preset $(PRESET) $(ARGS)
+
+eval: setup ## evaluate a trained run against the reference
+	$(BIN)/gdro eval --preset $(PRESET) $(ARGS)
+
+bench: setup ## benchmarks, written as a table to bench/out/
+	$(BIN)/gdro bench $(ARGS)
+
+toy-base: setup ## re-train the shipped toy base model (about an hour on 2 CPU cores)
+	$(BIN)/gdro toy pretrain --set out=models/toy-base $(ARGS)
+
+toy-samples: setup ## draw the toy base model's sample grid (docs/toy_base_samples.png)
+	$(BIN)/gdro toy samples --model models/toy-base --out docs/toy_base_samples.png
+
+prompts: setup ## regenerate the toy prompt files in prompts/
+	$(BIN)/gdro toy prompts --out prompts
+
+clean: ## remove runs/ and datasets/ (never the shipped model)
+	rm -rf runs datasets

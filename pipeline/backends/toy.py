@@ -1,0 +1,157 @@
+"""The toy backend: a tiny SD3 transformer in pixel space plus a word-level text encoder.
+
+Pixel space is the "latent" space here (decode is a clamp and a cast), so stage one stores images as latents
+and the SD3 code path (patch embedding, joint attention, AdaLN, flow-matching timesteps in [0, 1000]) is the
+one real SD3 models take. The text encoder is ours: a word vocabulary of the toy world, learned position
+embeddings and two transformer layers (SD3's joint attention has no text positions, so order must be encoded
+before it), trained jointly with the transformer by `stages/toy_pretrain.py` and frozen afterwards.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..toy.prompts import NUMBERS, RELATIONS
+from ..toy.world import COLORS, PLURALS, SHAPES, SIZE, from_unit
+from .base import Conditioning
+from ..errors import GdroError
+
+PAD, UNK = "<pad>", "<unk>"
+
+
+def toy_vocabulary() -> list[str]:
+    words = {"a", "photo", "of", "and"}
+    words |= set(SHAPES) | set(PLURALS.values()) | set(COLORS) | set(NUMBERS.values())
+    for rel in RELATIONS:
+        words |= set(rel.split())
+    return [PAD, UNK, *sorted(words)]
+
+
+@dataclass
+class TextEncoderConfig:
+    vocab: list[str] = field(default_factory=toy_vocabulary)
+    max_length: int = 12  # tokens; the longest toy prompt has 10 words
+    dim: int = 128  # = the transformer's joint_attention_dim
+    pooled_dim: int = 128
+    layers: int = 2
+    heads: int = 4
+
+
+class ToyTextEncoder(nn.Module):
+    """Words -> ([B, L, dim] token states, [B, pooled_dim] pooled vector)."""
+
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.index = {w: i for i, w in enumerate(cfg.vocab)}
+        self.embed = nn.Embedding(len(cfg.vocab), cfg.dim)
+        self.pos = nn.Parameter(torch.zeros(cfg.max_length, cfg.dim))
+        layer = nn.TransformerEncoderLayer(cfg.dim, cfg.heads, 2 * cfg.dim, dropout=0.0, batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.pool = nn.Linear(cfg.dim, cfg.pooled_dim)
+        nn.init.normal_(self.pos, std=0.02)
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        ids = torch.zeros(len(prompts), self.cfg.max_length, dtype=torch.long)
+        for b, text in enumerate(prompts):
+            words = text.lower().replace(",", " ").split()
+            if len(words) > self.cfg.max_length:
+                raise GdroError(f"prompt {text!r} has {len(words)} words; the toy text encoder takes at most "
+                                f"{self.cfg.max_length}")
+            for j, w in enumerate(words):
+                ids[b, j] = self.index.get(w, 1)
+        return ids
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.embed(ids) + self.pos[: ids.shape[1]]
+        h = self.norm(self.encoder(h))
+        keep = (ids != 0).unsqueeze(-1).to(h.dtype)
+        pooled = self.pool((h * keep).sum(1) / keep.sum(1).clamp(min=1.0))
+        return h, pooled
+
+    def save(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(asdict(self.cfg), indent=1))
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / "model.safetensors"))
+
+    @classmethod
+    def load(cls, folder: Path) -> "ToyTextEncoder":
+        from safetensors.torch import load_file
+
+        cfg = TextEncoderConfig(**json.loads((folder / "config.json").read_text()))
+        enc = cls(cfg)
+        enc.load_state_dict(load_file(str(folder / "model.safetensors")))
+        return enc
+
+
+def build_transformer(*, text_dim: int = 128, pooled_dim: int = 128, layers: int = 6, heads: int = 4,
+                      head_dim: int = 48, patch_size: int = 4):
+    """A tiny SD3Transformer2DModel on 32x32x3 pixels (4 px patches: 64 image tokens)."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=SIZE, patch_size=patch_size, in_channels=3, out_channels=3, num_layers=layers,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=text_dim,
+        caption_projection_dim=heads * head_dim, pooled_projection_dim=pooled_dim,
+        pos_embed_max_size=SIZE // patch_size,
+    )
+
+
+class ToyBackend:
+    """The model-backend interface (see `base.ModelBackend`) for the toy world."""
+
+    name = "toy"
+    latent_shape = (3, SIZE, SIZE)
+
+    def __init__(self, transformer, text_encoder: ToyTextEncoder, *, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        self.transformer = transformer.to(device)
+        if dtype != torch.float32:  # the toy weights are float32; cast only when asked
+            self.transformer.to(dtype)
+        self.text_encoder = text_encoder.to(device) if text_encoder is not None else None
+        self.device, self.dtype = torch.device(device), dtype
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                        load_text_encoder: bool = True) -> "ToyBackend":
+        from diffusers import SD3Transformer2DModel
+
+        path = Path(path)
+        for need in ("transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
+                     "text_encoder/config.json", "text_encoder/model.safetensors"):
+            if not (path / need).is_file():
+                raise GdroError(f"toy model folder {path} lacks {need}; point model.path at a folder written by "
+                                f"`gdro toy pretrain` (the shipped one is models/toy-base)")
+        transformer = SD3Transformer2DModel.from_pretrained(path / "transformer", local_files_only=True)
+        text = ToyTextEncoder.load(path / "text_encoder") if load_text_encoder else None
+        return cls(transformer.eval(), text.eval() if text is not None else None, device=device, dtype=dtype)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        self.transformer.save_pretrained(path / "transformer", safe_serialization=True)
+        self.text_encoder.save(path / "text_encoder")
+        (path / "model_index.json").write_text(json.dumps({"_class_name": "gdro.ToyBackend"}, indent=1))
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        ids = self.text_encoder.tokenize(prompts).to(self.device)
+        h, pooled = self.text_encoder(ids)
+        return Conditioning(prompt_embeds=h, pooled_embeds=pooled)
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """v_theta(x_t, t, c) with t in [0, 1] (1 = noise); diffusers' SD3 takes timesteps in [0, 1000]."""
+        t = t.to(device=x.device, dtype=x.dtype).expand(x.shape[0])
+        return self.transformer(hidden_states=x, timestep=t * 1000.0, encoder_hidden_states=cond.prompt_embeds,
+                                pooled_projections=cond.pooled_embeds, return_dict=False)[0]
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        return from_unit(latents.detach().float().cpu().numpy())

@@ -1,0 +1,249 @@
+"""The `gdro` command line: one subcommand per stage. User errors end in one line on stderr and exit code 2."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import GdroError
+
+CONFIG_OPTIONS = [
+    click.option("--preset", default="toy", show_default=True,
+                 help="Experiment preset (pipeline/presets/NAME.yaml); `gdro config presets` lists them."),
+    click.option("--config", "files", multiple=True, type=click.Path(dir_okay=False),
+                 help="YAML file merged over the preset (repeatable)."),
+    click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                 help="Override one key, e.g. --set rollouts.group_size=4 (repeatable; values parse as YAML)."),
+]
+
+
+def config_options(fn):
+    for opt in reversed(CONFIG_OPTIONS):
+        fn = opt(fn)
+    return fn
+
+
+def _experiment(preset, files, overrides, *, show: bool = True):
+    from .config import ExperimentConfig, dump, resolve
+
+    cfg = resolve(ExperimentConfig, preset=preset, files=tuple(files), overrides=tuple(overrides))
+    if show:
+        click.echo("# resolved config\n" + dump(cfg), err=True)
+    return cfg
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="gdro")
+def cli():
+    """gdro: offline, group-level reward post-training for text-to-image rectified-flow models.
+
+    \b
+    Stage one  `gdro rollouts`  the frozen model draws G images per prompt, every reward scores them,
+                               everything lands in sharded WebDataset tars + Parquet + a manifest.
+    Stage two  `gdro train`     DeepSpeed ZeRO training of a group-weighted loss from those shards only.
+    Then       `gdro eval`      reference vs. trained model on held-out prompts, with the same noise.
+
+    With no arguments every command runs the embedded toy world (CPU, minutes).
+    """
+
+
+# ------------------------------------------------------------------------------------------------ config
+@cli.group()
+def config():
+    """Show presets and resolved configurations."""
+
+
+@config.command("presets")
+def config_presets():
+    """List the experiment presets."""
+    from .config import preset_names
+
+    for name in preset_names():
+        click.echo(name)
+
+
+@config.command("show")
+@config_options
+def config_show(preset, files, overrides):
+    """Print the resolved experiment config (preset <- files <- --set overrides) as YAML."""
+    from .config import dump
+
+    click.echo(dump(_experiment(preset, files, overrides, show=False)), nl=False)
+
+
+# ------------------------------------------------------------------------------------------------ stages
+def _not_yet(what: str, issue: int):
+    raise GdroError(f"{what} arrives with issue {issue}; it is not implemented in this version yet")
+
+
+@cli.command()
+@config_options
+@click.option("--task-id", type=int, default=None,
+              help="This task's index (default: SLURM_ARRAY_TASK_ID, else RANK, else 0).")
+@click.option("--num-tasks", type=int, default=None,
+              help="Number of tasks sharing the work (default: the Slurm array size, else WORLD_SIZE, else 1).")
+@click.option("--assemble-only", is_flag=True, help="Only (re)write manifest.json and README.md from the stats files.")
+def rollouts(preset, files, overrides, task_id, num_tasks, assemble_only):
+    """Stage one: generate G images per prompt, score them, write the sharded dataset.
+
+    \b
+    Task t of T writes the shards s with s % T == t; rerunning skips finished shards (their
+    .stats.json exists and checksums match) and removes leftovers of unfinished ones. A folder
+    generated with another configuration is refused, naming the keys that differ.
+    """
+    cfg = _experiment(preset, files, overrides)
+    from stages.rollouts import main as run
+
+    run(cfg, task_id=task_id, num_tasks=num_tasks, assemble_only=assemble_only)
+
+
+@cli.command()
+@click.argument("dataset", type=click.Path(file_okay=False))
+def verify(dataset):
+    """Check a dataset: checksums, schema version, member sets, counts. Exits 1 naming every bad shard."""
+    from schemas.manifest import verify_dataset
+
+    problems = verify_dataset(Path(dataset))
+    for p in problems:
+        click.echo(f"BAD {p}")
+    if problems:
+        raise SystemExit(1)
+    click.echo(f"OK {dataset}")
+
+
+@cli.command()
+@click.argument("dataset", type=click.Path(file_okay=False))
+@click.option("--sheet", type=click.Path(dir_okay=False), default=None,
+              help="Contact sheet PNG (default: DATASET/contact_sheet.png).")
+@click.option("--groups", "n_groups", default=6, show_default=True, help="Groups on the contact sheet.")
+def inspect(dataset, sheet, n_groups):
+    """Summarise a dataset (groups, images, reward means per reward and per kind, zero-spread groups) and
+    draw a contact sheet of a few groups sorted by reward."""
+    from .inspect import inspect_dataset
+
+    click.echo(inspect_dataset(Path(dataset), Path(sheet) if sheet else None, n_groups))
+
+
+@cli.command()
+@click.argument("dataset", type=click.Path(file_okay=False))
+def status(dataset):
+    """Progress of a (possibly running) rollouts job, aggregated from the shards' stats files."""
+    from .inspect import rollout_status
+
+    click.echo(rollout_status(Path(dataset)))
+
+
+@cli.command()
+@config_options
+def train(preset, files, overrides):
+    """Stage two: DeepSpeed training of the group-weighted loss from the shards."""
+    _experiment(preset, files, overrides)
+    _not_yet("stage two (train)", 4)
+
+
+@cli.command("eval")
+@config_options
+def eval_(preset, files, overrides):
+    """Evaluate a trained run against the reference on held-out prompts."""
+    _experiment(preset, files, overrides)
+    _not_yet("evaluation", 4)
+
+
+@cli.command()
+def bench():
+    """Benchmarks (ours vs. the plain alternative), written as a table."""
+    _not_yet("the benchmarks", 3)
+
+
+# ------------------------------------------------------------------------------------------------ toy world
+@cli.group()
+def toy():
+    """The embedded toy world: prompts, base-model pre-training, sample grids."""
+
+
+@toy.command("prompts")
+@click.option("--out", default="prompts", show_default=True, type=click.Path(file_okay=False))
+@click.option("--train", "n_train", default=2000, show_default=True, help="Lines in toy_train.jsonl.")
+@click.option("--test", "n_test", default=300, show_default=True, help="Lines in toy_test.jsonl.")
+def toy_prompts(out, n_train, n_test):
+    """Write the deterministic, disjoint train/test prompt files (GenEval metadata JSONL)."""
+    from .toy.prompts import write_prompt_files
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for path in write_prompt_files(Path(out), n_train, n_test):
+        click.echo(f"wrote {path}")
+
+
+@toy.command("pretrain")
+@click.option("--config", "files", multiple=True, type=click.Path(dir_okay=False), help="YAML file of pretrain keys.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a pretrain key, e.g. --set steps=500 --set out=runs/mine (repeatable).")
+def toy_pretrain(files, overrides):
+    """Pre-train the toy base model (text encoder + tiny SD3 transformer) on rendered scenes.
+
+    The shipped weights in models/toy-base come from `gdro toy pretrain --set out=models/toy-base`
+    with the defaults (seed 0); see README, "The toy base model".
+    """
+    from .config import ToyPretrainConfig, dump, resolve
+
+    cfg = resolve(ToyPretrainConfig, files=tuple(files), overrides=tuple(overrides))
+    click.echo("# resolved config\n" + dump(cfg), err=True)
+    from stages.toy_pretrain import main as run
+
+    click.echo(f"saved {run(cfg)}")
+
+
+@toy.command("samples")
+@click.option("--model", default="models/toy-base", show_default=True, type=click.Path())
+@click.option("--out", default="docs/toy_base_samples.png", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--prompts", default="prompts/toy_test.jsonl", show_default=True, type=click.Path())
+@click.option("--per-kind", default=4, show_default=True, help="Prompts shown per kind.")
+@click.option("--seeds", default=4, show_default=True, help="Images per prompt.")
+@click.option("--steps", default=16, show_default=True, help="Euler steps.")
+@click.option("--guidance", default=1.0, show_default=True)
+def toy_samples(model, out, prompts, per_kind, seeds, steps, guidance):
+    """Draw a labelled sample grid of a toy model on test prompts, with the verifier's verdicts."""
+    from .toy.grid import sample_grid
+
+    path = sample_grid(model, Path(out), prompts, per_kind=per_kind, seeds=seeds, steps=steps, guidance=guidance)
+    click.echo(f"wrote {path}")
+
+
+@toy.command("score")
+@click.option("--model", default="models/toy-base", show_default=True, type=click.Path())
+@click.option("--prompts", default="prompts/toy_test.jsonl", show_default=True, type=click.Path())
+@click.option("--steps", default=16, show_default=True, help="Euler steps.")
+@click.option("--guidance", default=1.0, show_default=True)
+@click.option("--limit", default=0, help="Only the first N prompt lines (0 = all).")
+def toy_score(model, prompts, steps, guidance, limit):
+    """Sample one image per test prompt line and print the verifier's per-kind table."""
+    from .backends.toy import ToyBackend
+    from .prompts import load_prompts
+    from .sampling import SamplerConfig
+    from .toy.scoring import format_table
+    from stages.toy_pretrain import evaluate
+
+    metas = load_prompts(prompts)
+    metas = metas[:limit] if limit else metas
+    result = evaluate(ToyBackend.from_pretrained(model), metas, SamplerConfig(steps=steps, guidance=guidance))
+    click.echo(format_table(result["table"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="gdro", standalone_mode=False)
+    except GdroError as e:
+        click.echo(f"gdro: error: {e}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("gdro: aborted", err=True)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

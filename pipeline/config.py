@@ -1,0 +1,287 @@
+"""Typed configuration: dataclasses, YAML presets, dotted command-line overrides, validation that names the key.
+
+A config is built from defaults <- preset YAML <- user YAML <- ``--set a.b=value`` overrides, then checked:
+unknown keys, wrong types and impossible values raise `GdroError` naming the dotted key. The resolved config
+is printed at start and saved (JSON) beside every output.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import GdroError
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+T = TypeVar("T")
+
+
+# ------------------------------------------------------------------------------------------------ the configs
+@dataclass
+class ModelConfig:
+    backend: str = "toy"  # toy | sd3 | flux (registered in pipeline.backends)
+    path: str = "models/toy-base"  # local folder; nothing is ever downloaded
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (weights and activations)
+
+    def check(self, key: str) -> None:
+        _choice(f"{key}dtype", self.dtype, ("float32", "bfloat16", "float16"))
+
+
+@dataclass
+class SamplerSection:
+    scheduler: str = "FlowMatchEulerDiscreteScheduler"  # any diffusers FlowMatch* scheduler
+    steps: int = 16  # ODE solver steps
+    shift: float = 1.0  # timestep shift (SD3.5 uses 3.0)
+    guidance: float = 1.0  # classifier-free guidance scale; 1 = off
+
+    def check(self, key: str) -> None:
+        _positive(f"{key}steps", self.steps)
+        _positive(f"{key}shift", self.shift)
+        if self.guidance < 1.0:
+            raise GdroError(f"{key}guidance must be >= 1 (1 disables guidance), got {self.guidance}")
+
+
+@dataclass
+class ToyPretrainConfig:
+    out: str = "runs/toy-pretrain"  # output folder (weights, log, eval tables)
+    steps: int = 6000  # optimiser steps
+    batch_size: int = 64  # images per step
+    lr: float = 6e-4  # AdamW, constant after warm-up
+    warmup_steps: int = 200
+    ema_decay: float = 0.999  # the saved weights are the EMA
+    caption_dropout: float = 0.1  # share of empty prompts, so guidance can be used at sampling
+    seed: int = 0
+    threads: int = 2  # torch CPU threads
+    text_dim: int = 128
+    layers: int = 6
+    heads: int = 4
+    head_dim: int = 32
+    patch_size: int = 4
+    eval_every: int = 500  # steps between evaluations of the EMA weights
+    eval_prompts: str = "prompts/toy_test.jsonl"
+    eval_n: int = 150  # prompt lines evaluated (one image each)
+    eval_sampler_steps: int = 16
+    eval_guidance: float = 1.0
+    keep_every: int = 1000  # also keep a weights folder every this many steps (0: only the final one)
+
+    def check(self, key: str) -> None:
+        for name in ("steps", "batch_size", "lr", "warmup_steps", "threads", "eval_every", "eval_n"):
+            _positive(f"{key}{name}", getattr(self, name))
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise GdroError(f"{key}ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise GdroError(f"{key}caption_dropout must be in [0, 1), got {self.caption_dropout}")
+
+
+@dataclass
+class RolloutsConfig:
+    prompts: str = "prompts/toy_train.jsonl"  # .jsonl (GenEval metadata) or .txt (one prompt per line)
+    num_prompts: int = 0  # use the first N prompts of the file; 0 = all
+    out: str = "datasets/toy"  # dataset folder (shards/, manifest.json, README.md)
+    group_size: int = 8  # G images per prompt
+    prompts_per_shard: int = 32  # P: shard s holds prompts [s*P, (s+1)*P)
+    batch_size: int = 64  # images per forward pass, across prompts (per GPU)
+    base_seed: int = 0  # seeds are sha256(base_seed, prompt_id, member)
+    rewards: dict[str, dict[str, Any]] = field(default_factory=lambda: {"toy_geneval": {}, "toy_quality": {}})
+    ref_cache_k: int = 2  # K cached reference draws per group (t_k, noise seed); 0 disables the cache
+    t_law: str = "uniform"  # law of t for the cache draws: uniform | logit_normal
+    t_min: float = 0.0  # t range of the cache draws (training with the cache uses the same draws)
+    t_max: float = 1.0
+    image_format: str = "png"  # png | webp (lossless)
+
+    def check(self, key: str) -> None:
+        for name in ("group_size", "prompts_per_shard", "batch_size"):
+            _positive(f"{key}{name}", getattr(self, name))
+        if self.group_size < 2:
+            raise GdroError(f"{key}group_size must be >= 2 (a group needs members to compare), got {self.group_size}")
+        if self.num_prompts < 0 or self.ref_cache_k < 0:
+            raise GdroError(f"{key}num_prompts and {key}ref_cache_k must be >= 0")
+        _choice(f"{key}t_law", self.t_law, ("uniform", "logit_normal"))
+        _choice(f"{key}image_format", self.image_format, ("png", "webp"))
+        if not 0.0 <= self.t_min < self.t_max <= 1.0:
+            raise GdroError(f"{key}t_min/t_max must satisfy 0 <= t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
+        if not self.rewards:
+            raise GdroError(f"{key}rewards is empty: name at least one reward (e.g. toy_geneval)")
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "toy"  # run name, used in folder names and job names
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerSection = field(default_factory=SamplerSection)
+    rollouts: RolloutsConfig = field(default_factory=RolloutsConfig)
+
+
+# ----------------------------------------------------------------------------------------- the machinery
+def _positive(key: str, value) -> None:
+    if not value > 0:
+        raise GdroError(f"{key} must be > 0, got {value!r}")
+
+
+def _choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise GdroError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def _coerce(key: str, tp, value):
+    """Check (and gently convert, int -> float) one value against a type annotation."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, a, value)
+            except GdroError as e:
+                errors.append(str(e))
+        raise GdroError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise GdroError(f"{key} must be a mapping of {tp.__name__} fields, got {type(value).__name__}")
+        return from_dict(tp, value, key)
+    if origin is dict:
+        kt, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise GdroError(f"{key} must be a mapping, got {type(value).__name__} {value!r}")
+        return {_coerce(f"{key}.<key>", kt, k): _coerce(f"{key}.{k}", vt, v) for k, v in value.items()}
+    if origin in (list, tuple):
+        (et, *_) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise GdroError(f"{key} must be a list, got {type(value).__name__} {value!r}")
+        return [_coerce(f"{key}[{i}]", et, v) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise GdroError(f"{key} must be {tp.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    raise GdroError(f"{key}: unsupported annotation {tp!r}")  # a bug in a config class, not user input
+
+
+def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
+    """Build dataclass `cls` from a nested dict; unknown keys and wrong types name the dotted key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = prefix or "the config"
+        raise GdroError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(_join(prefix, k) for k in unknown)} "
+                        f"(valid in {where}: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(_join(prefix, k), hints[k], v) for k, v in data.items()}
+    obj = cls(**kwargs)
+    validate(obj, prefix)
+    return obj
+
+
+def validate(obj, prefix: str = "") -> None:
+    if hasattr(obj, "check"):
+        obj.check(prefix + "." if prefix else "")  # check(p) names its keys f"{p}name"
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b=value' -> (['a', 'b'], value parsed as YAML, so 3 is an int, 0.1 a float, [a, b] a list)."""
+    if "=" not in text:
+        raise GdroError(f"override {text!r} is not of the form key=value (e.g. train.lr=1e-5)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise GdroError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise GdroError(f"override {text!r}: the value is not valid YAML ({e.problem})") from None
+    if isinstance(value, str) and _looks_numeric(value):
+        value = float(value)  # YAML 1.1 reads 1e-5 as a string
+    return key.split("."), value
+
+
+def _looks_numeric(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = json.loads(json.dumps(data))  # deep copy
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise GdroError(f"override {text!r}: {part} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise GdroError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise GdroError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise GdroError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def resolve(cls: type[T], *, preset: str | None = None, files: tuple[str, ...] = (),
+            overrides: tuple[str, ...] | list[str] = ()) -> T:
+    """defaults <- preset <- files <- overrides, validated."""
+    data: dict = {}
+    if preset:
+        path = PRESETS_DIR / f"{preset}.yaml"
+        if not path.is_file():
+            raise GdroError(f"unknown preset {preset!r}; known presets: {', '.join(preset_names()) or 'none'}")
+        data = _merge(data, load_yaml(path))
+    for f in files:
+        data = _merge(data, load_yaml(Path(f)))
+    data = apply_overrides(data, list(overrides))
+    return from_dict(cls, data)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_resolved(cfg, path: Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(to_dict(cfg), indent=1, sort_keys=False) + "\n")
+
+
+__all__ = ["ExperimentConfig", "RolloutsConfig", "ModelConfig", "SamplerSection", "ToyPretrainConfig", "resolve", "from_dict", "dump", "save_resolved",
+           "apply_overrides", "parse_override", "preset_names", "field"]

@@ -1,0 +1,135 @@
+"""The writer's side of a dataset folder: identity and fingerprint, refusal to mix configs, atomic files,
+and deciding which shards are finished (stats present and checksums matching) or leftovers to remove."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+from schemas import SCHEMA_VERSION, layout
+from schemas.codec import json_bytes
+from schemas.records import ShardStats, sha256_bytes, sha256_file
+from schemas.seeds import SEED_SCHEME
+
+from .config import ExperimentConfig, to_dict
+from .errors import GdroError
+from .rewards import reward_identity
+
+LIBRARIES = ("torch", "diffusers", "transformers", "webdataset", "pyarrow", "numpy", "Pillow", "deepspeed")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write under a temporary name, fsync, rename: a final name never holds a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = layout.tmp_path(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def weights_sha256(model_path: str) -> dict[str, str]:
+    root = Path(model_path)
+    if not root.is_dir():
+        raise GdroError(f"model.path: {model_path} is not a folder; point it at a local model folder")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"))
+    return {str(p.relative_to(root)): sha256_file(p) for p in files if not p.name.startswith(".")}
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def code_version() -> str:
+    from importlib.metadata import version
+
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return f"gdro {version('gdro')}" + (f" ({rev})" if rev else "")
+
+
+def identity(cfg: ExperimentConfig, prompts: list[dict]) -> dict:
+    """Everything that determines the bytes of the shards; its hash is the dataset's fingerprint."""
+    r, m = cfg.rollouts, cfg.model
+    from .backends.base import latent_shape_of
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "generator": {"backend": m.backend, "model_path": m.path, "weights_sha256": weights_sha256(m.path),
+                      "dtype": m.dtype, "latent_shape": list(latent_shape_of(m.backend, m.path))},
+        "sampler": to_dict(cfg.sampler),
+        "prompts": {"source": r.prompts, "count": len(prompts),
+                    "sha256": sha256_bytes(b"".join(json_bytes(p) + b"\n" for p in prompts))},
+        "group_size": r.group_size,
+        "prompts_per_shard": r.prompts_per_shard,
+        "num_shards": layout.num_shards(len(prompts), r.prompts_per_shard),
+        "batch_size": r.batch_size,
+        "seed_scheme": {"base_seed": r.base_seed, "scheme": SEED_SCHEME},
+        "rewards": [reward_identity(name, params) for name, params in r.rewards.items()],
+        "reference_cache": {"K": r.ref_cache_k, "t_law": r.t_law, "t_min": r.t_min, "t_max": r.t_max,
+                            "t_seed": "member_seed(base_seed, prompt_id, 0, 'ref_t{k}')",
+                            "noise_seed": "member_seed(base_seed, prompt_id, 0, 'ref_eps{k}'), shared by the group",
+                            "error": "mean over C,H,W of (v_ref(x_t, t, c) - (eps - x0))^2, float32"},
+        "image_format": r.image_format,
+        "latents_dtype": "float32",
+    }
+
+
+def _diff(a, b, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+        return out
+    return [] if a == b else [prefix]
+
+
+def prepare_folder(root: Path, cfg: ExperimentConfig, prompts: list[dict]) -> str:
+    """Record the identity on first use; refuse a different one later, naming the keys that differ."""
+    ident = identity(cfg, prompts)
+    fingerprint = sha256_bytes(json_bytes(ident))[:16]
+    path = root / layout.RUN_CONFIG
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old.get("fingerprint") != fingerprint:
+            keys = _diff(old.get("identity", {}), ident) or ["(unknown: the stored identity is unreadable)"]
+            raise GdroError(f"{root} holds a dataset generated with another configuration; differing keys: "
+                            f"{', '.join(keys)}. Use a new rollouts.out, or restore the old configuration to "
+                            f"resume")
+        return fingerprint
+    record = {"fingerprint": fingerprint, "identity": ident, "resolved_config": to_dict(cfg),
+              "code_version": code_version(), "library_versions": library_versions()}
+    atomic_write_bytes(path, (json.dumps(record, indent=1) + "\n").encode())
+    return fingerprint
+
+
+def shard_is_complete(root: Path, index: int, fingerprint: str) -> bool:
+    """True if the shard's stats exist and its files match them; otherwise remove every trace of it."""
+    paths = layout.shard_paths(root, index)
+    if paths["stats"].exists():
+        try:
+            stats = ShardStats.load(paths["stats"])
+            ok = (stats.fingerprint == fingerprint and paths["tar"].exists() and paths["parquet"].exists()
+                  and sha256_file(paths["tar"]) == stats.tar_sha256
+                  and sha256_file(paths["parquet"]) == stats.parquet_sha256)
+        except Exception:
+            ok = False
+        if ok:
+            return True
+    for p in (*paths.values(), *(layout.tmp_path(p) for p in paths.values())):
+        p.unlink(missing_ok=True)
+    return False

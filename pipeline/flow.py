@@ -1,0 +1,43 @@
+"""Rectified-flow quantities shared by stage one (the reference-error cache) and stage two (the losses).
+
+x_t = (1 - t) x0 + t eps, target v = eps - x0, error L = mean over (C, H, W) of (v_theta(x_t, t, c) - v)^2.
+One function computes L for both stages, so "policy error at step 0 == cached reference error" holds by
+construction, not by two implementations agreeing.
+"""
+from __future__ import annotations
+
+import torch
+
+from .backends.base import Conditioning
+
+
+def interpolate(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    t = t.reshape(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
+    return (1 - t) * x0 + t * eps
+
+
+def flow_errors(velocity, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                return_velocity: bool = False):
+    """Per-sample flow-matching error [B] (and optionally the predicted velocity) of `velocity(x_t, t, cond)`.
+
+    x0, eps: [B, C, H, W]; t: [B] or [1] in [0, 1]. Computed in the dtype of x0; the mean in float32.
+    """
+    t = t.to(x0.device).expand(x0.shape[0]) if t.numel() == 1 else t.to(x0.device)
+    xt = interpolate(x0, eps, t)
+    v = velocity(xt, t, cond)
+    err = (v.float() - (eps - x0).float()).pow(2).flatten(1).mean(1)
+    return (err, v) if return_velocity else err
+
+
+def sample_t(n: int, generator: torch.Generator, *, law: str, t_min: float, t_max: float, shift: float = 1.0):
+    """n timesteps in [t_min, t_max]: uniform, or logit-normal(0, 1) (SD3's law), optionally shifted
+    (t -> shift t / (1 + (shift - 1) t), which moves mass towards noise for shift > 1)."""
+    if law == "uniform":
+        u = torch.rand(n, generator=generator)
+    elif law == "logit_normal":
+        u = torch.sigmoid(torch.randn(n, generator=generator))
+    else:
+        raise ValueError(f"unknown t law {law!r}")
+    if shift != 1.0:
+        u = shift * u / (1 + (shift - 1) * u)
+    return t_min + (t_max - t_min) * u

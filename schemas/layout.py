@@ -1,0 +1,65 @@
+"""Where things live in a dataset folder, how keys and member names are spelled, and how shards map to work.
+
+    <dataset>/manifest.json, README.md, rollouts_config.json
+    <dataset>/shards/000000.tar | .parquet | .stats.json (the stats file is written last: completion marker)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+SHARDS = "shards"
+MANIFEST = "manifest.json"
+CARD = "README.md"
+RUN_CONFIG = "rollouts_config.json"  # the fingerprinted generation config, written when a dataset is started
+TMP_PREFIX = ".tmp-"  # unfinished files; never under a final name
+KEY_DIGITS = 9
+
+# Per-group members besides the images. Every sample of a dataset has the same member names.
+JSON_MEMBER = "json"
+LATENTS_MEMBER = "latents.npy"  # float32 [G, C, H, W]: what stage two trains on
+PROMPT_EMBEDS_MEMBER = "prompt_embeds.npy"  # float32 [L, D], once per group
+POOLED_EMBEDS_MEMBER = "pooled_embeds.npy"  # float32 [P], once per group
+ARRAY_MEMBERS = (LATENTS_MEMBER, PROMPT_EMBEDS_MEMBER, POOLED_EMBEDS_MEMBER)
+IMAGE_EXTS = ("png", "webp")
+
+
+def shard_name(index: int) -> str:
+    return f"{index:06d}"
+
+
+def shard_paths(root: Path, index: int) -> dict[str, Path]:
+    base = Path(root) / SHARDS / shard_name(index)
+    return {"tar": base.with_suffix(".tar"), "parquet": base.with_suffix(".parquet"),
+            "stats": base.with_suffix(".stats.json")}
+
+
+def tmp_path(final: Path) -> Path:
+    return final.with_name(TMP_PREFIX + final.name)
+
+
+def group_key(prompt_id: int) -> str:
+    """Digits only (no dots: WebDataset splits a member name at its first dot)."""
+    return f"{prompt_id:0{KEY_DIGITS}d}"
+
+
+def image_member(member: int, ext: str) -> str:
+    return f"{member}.{ext}"
+
+
+def member_names(group_size: int, image_ext: str) -> list[str]:
+    """The member names (after the key) every sample of a dataset carries, sorted as the tar stores them."""
+    return sorted([JSON_MEMBER, *ARRAY_MEMBERS, *(image_member(m, image_ext) for m in range(group_size))])
+
+
+def num_shards(num_prompts: int, prompts_per_shard: int) -> int:
+    return -(-num_prompts // prompts_per_shard)
+
+
+def shard_prompt_ids(index: int, num_prompts: int, prompts_per_shard: int) -> range:
+    """Shard s holds prompts [s*P, (s+1)*P) of the frozen prompt list."""
+    return range(index * prompts_per_shard, min((index + 1) * prompts_per_shard, num_prompts))
+
+
+def shards_of_task(task_id: int, num_tasks: int, total: int) -> list[int]:
+    """Task t of T writes the shards s with s % T == t."""
+    return [s for s in range(total) if s % num_tasks == task_id]

@@ -1,0 +1,245 @@
+"""Recipe, stage one: prompts -> G images each from the frozen reference -> every reward -> schema-v1 shards.
+
+setup (config, fingerprint check, task's shards, leftovers removed) -> for each pending shard: sample, decode,
+score, cache reference errors, write tar + parquet under temporary names, rename, write stats last ->
+assemble the manifest when every shard is done. Restarting skips finished shards, so preemption costs at most
+one shard of work per task, and the bytes never depend on how many tasks ran or where.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.backends.base import Conditioning, load_backend
+from pipeline.config import ExperimentConfig, to_dict
+from pipeline.datasets import atomic_write_bytes, prepare_folder, shard_is_complete
+from pipeline.distributed import task_from_env
+from pipeline.errors import GdroError
+from pipeline.flow import flow_errors, sample_t
+from pipeline.prompts import load_prompts
+from pipeline.rewards import Reward, make_reward
+from pipeline.sampling import SamplerConfig, sample
+from schemas import layout
+from schemas.codec import image_bytes, json_bytes, npy_bytes
+from schemas.manifest import assemble_manifest
+from schemas.records import GroupRecord, ShardStats, parquet_rows, parquet_schema, reward_mean, sha256_bytes
+from schemas.seeds import member_seed, noise_for
+
+TAR_MTIME = 0  # fixed member mtime: the same config gives byte-identical tars
+
+
+@dataclass
+class Plan:
+    cfg: ExperimentConfig
+    root: Path
+    prompts: list[dict]
+    num_shards: int
+    fingerprint: str
+
+
+def plan(cfg: ExperimentConfig) -> Plan:
+    r = cfg.rollouts
+    prompts = load_prompts(r.prompts)
+    if r.num_prompts:
+        if r.num_prompts > len(prompts):
+            raise GdroError(f"rollouts.num_prompts={r.num_prompts} but {r.prompts} holds {len(prompts)} prompts")
+        prompts = prompts[: r.num_prompts]
+    root = Path(r.out)
+    fingerprint = prepare_folder(root, cfg, prompts)
+    return Plan(cfg, root, prompts, layout.num_shards(len(prompts), r.prompts_per_shard), fingerprint)
+
+
+def _score(rewards: list[Reward], images: np.ndarray, prompts: list[str], metas: list[dict]):
+    """Every reward on every image. A reward that raises is retried image by image, so one bad image costs
+    one row's status, never the shard."""
+    n = len(images)
+    scores = {rw.name: [None] * n for rw in rewards}
+    errors = [[] for _ in range(n)]
+    for rw in rewards:
+        try:
+            values, _info = rw.fn(images, prompts, metas)
+            values = np.asarray(values, dtype=np.float64).reshape(-1)
+            if values.shape[0] != n:
+                raise GdroError(f"reward {rw.name} returned {values.shape[0]} scores for {n} images")
+            per_image = list(values)
+        except GdroError:
+            raise
+        except Exception:  # isolate the failing image(s)
+            per_image = []
+            for i in range(n):
+                try:
+                    per_image.append(float(np.asarray(rw.fn(images[i:i + 1], prompts[i:i + 1], metas[i:i + 1])[0])
+                                           .reshape(-1)[0]))
+                except Exception as e:  # recorded in the row, not raised
+                    per_image.append(None)
+                    errors[i].append(f"{rw.name}: {type(e).__name__}: {e}")
+        for i, v in enumerate(per_image):
+            if v is not None and not np.isfinite(v):
+                errors[i].append(f"{rw.name}: non-finite score {v}")
+                v = None
+            scores[rw.name][i] = None if v is None else float(v)
+    return scores, errors
+
+
+def _reference_errors(backend, latents: torch.Tensor, cond: Conditioning, metas_ids: list[int], cfg) -> tuple:
+    """K draws per group (t_k, noise seed s_k) shared by the group; the frozen model's error per member."""
+    r = cfg.rollouts
+    g = r.group_size
+    n_groups = len(metas_ids)
+    ts = np.zeros((n_groups, r.ref_cache_k), np.float32)
+    seeds = np.zeros((n_groups, r.ref_cache_k), np.int64)
+    errs = np.zeros((n_groups, r.ref_cache_k, g), np.float64)
+    for gi, pid in enumerate(metas_ids):
+        for k in range(r.ref_cache_k):
+            gen = torch.Generator().manual_seed(member_seed(r.base_seed, pid, 0, f"ref_t{k}"))
+            ts[gi, k] = float(sample_t(1, gen, law=r.t_law, t_min=r.t_min, t_max=r.t_max)[0])
+            seeds[gi, k] = member_seed(r.base_seed, pid, 0, f"ref_eps{k}")
+    per_batch = max(1, r.batch_size // g)
+    with torch.no_grad():
+        for k in range(r.ref_cache_k):
+            for start in range(0, n_groups, per_batch):
+                grp = range(start, min(start + per_batch, n_groups))
+                x0 = torch.cat([latents[gi * g:(gi + 1) * g] for gi in grp])
+                eps = torch.cat([noise_for(int(seeds[gi, k]), backend.latent_shape).expand(g, -1, -1, -1)
+                                 for gi in grp])
+                t = torch.cat([torch.full((g,), float(ts[gi, k])) for gi in grp])
+                c = Conditioning.cat([cond[gi:gi + 1].repeat_interleave(g) for gi in grp])
+                e = flow_errors(backend.velocity, x0.to(backend.dtype), eps.to(backend.dtype), t,
+                                c.to(backend.dtype))
+                errs[list(grp), k] = e.double().reshape(len(grp), g).cpu().numpy()
+    return ts, seeds, errs
+
+
+def generate_shard(index: int, p: Plan, backend, rewards: list[Reward], task_id: int, bar: tqdm) -> ShardStats:
+    cfg, r = p.cfg, p.cfg.rollouts
+    t0 = time.time()
+    g = r.group_size
+    ids = list(layout.shard_prompt_ids(index, len(p.prompts), r.prompts_per_shard))
+    metas = [p.prompts[i] for i in ids]
+    texts = [m["prompt"] for m in metas]
+    cond = backend.encode_prompts(texts)
+    sampler = SamplerConfig(**to_dict(cfg.sampler))
+    null = backend.encode_prompts([""]) if sampler.guidance != 1.0 else None
+    seeds = [[member_seed(r.base_seed, pid, m) for m in range(g)] for pid in ids]
+    flat = [(gi, m) for gi in range(len(ids)) for m in range(g)]
+    latents = torch.empty(len(flat), *backend.latent_shape)
+    for start in range(0, len(flat), r.batch_size):  # batches span prompts, never shards
+        chunk = flat[start:start + r.batch_size]
+        noise = torch.stack([noise_for(seeds[gi][m], backend.latent_shape) for gi, m in chunk])
+        c = Conditioning.cat([cond[gi:gi + 1] for gi, _ in chunk])
+        latents[start:start + len(chunk)] = sample(backend, noise, c, sampler, null_cond=null).cpu()
+        bar.update(len(chunk))
+    images = backend.decode(latents)
+    scores, errors = _score(rewards, images, [texts[gi] for gi, _ in flat], [metas[gi] for gi, _ in flat])
+    finite = torch.isfinite(latents).flatten(1).all(1)
+    for i in np.nonzero(~finite.numpy())[0]:
+        errors[i].append("sampler: non-finite latents")
+    if r.ref_cache_k:
+        ref_t, ref_seeds, ref_err = _reference_errors(backend, latents, cond, ids, cfg)
+    records, samples = [], []
+    for gi, pid in enumerate(ids):
+        key = layout.group_key(pid)
+        sl = slice(gi * g, (gi + 1) * g)
+        pngs = [image_bytes(images[i], r.image_format) for i in range(sl.start, sl.stop)]
+        errs = ["; ".join(errors[i]) for i in range(sl.start, sl.stop)]
+        rec = GroupRecord(
+            key=key, prompt_id=pid, prompt=texts[gi], metadata=metas[gi], seeds=seeds[gi],
+            rewards={name: vals[sl] for name, vals in scores.items()},
+            status=["error" if e else "ok" for e in errs], errors=errs,
+            image_sha256=[sha256_bytes(b) for b in pngs],
+            ref_t=[float(x) for x in ref_t[gi]] if r.ref_cache_k else [],
+            ref_noise_seeds=[int(x) for x in ref_seeds[gi]] if r.ref_cache_k else [],
+            ref_errors=[[float(x) for x in row] for row in ref_err[gi]] if r.ref_cache_k else [],
+        )
+        records.append(rec)
+        sample_ = {"__key__": key, layout.JSON_MEMBER: json_bytes(rec.to_json()),
+                   layout.LATENTS_MEMBER: npy_bytes(latents[sl].numpy().astype(np.float32)),
+                   layout.PROMPT_EMBEDS_MEMBER: npy_bytes(cond.prompt_embeds[gi].float().cpu().numpy()),
+                   layout.POOLED_EMBEDS_MEMBER: npy_bytes(cond.pooled_embeds[gi].float().cpu().numpy())}
+        for m, data in enumerate(pngs):
+            sample_[layout.image_member(m, r.image_format)] = data
+        samples.append(sample_)
+    return _write_shard(index, p, records, samples, task_id, time.time() - t0)
+
+
+def _write_shard(index: int, p: Plan, records, samples, task_id: int, seconds: float) -> ShardStats:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import webdataset as wds
+
+    paths = layout.shard_paths(p.root, index)
+    buf = io.BytesIO()
+    with wds.TarWriter(buf, encoder=False, mtime=TAR_MTIME) as sink:
+        for s in samples:
+            sink.write(s)
+    tar_data = buf.getvalue()
+    names = list(p.cfg.rollouts.rewards)
+    table = pa.table(parquet_rows(records, names), schema=parquet_schema(names))
+    pbuf = pa.BufferOutputStream()
+    pq.write_table(table, pbuf, compression="zstd")
+    parquet_data = pbuf.getvalue().to_pybytes()
+    atomic_write_bytes(paths["tar"], tar_data)
+    atomic_write_bytes(paths["parquet"], parquet_data)
+    failed = sum(st != "ok" for rec in records for st in rec.status)
+    stats = ShardStats(
+        shard=layout.shard_name(index), groups=len(records), images=sum(rec.group_size for rec in records),
+        failed_images=failed,
+        reward_means={n: reward_mean([v for rec in records for v in rec.rewards[n]]) for n in names},
+        tar_sha256=sha256_bytes(tar_data), tar_bytes=len(tar_data), parquet_sha256=sha256_bytes(parquet_data),
+        parquet_bytes=len(parquet_data), fingerprint=p.fingerprint, seconds=round(seconds, 3), task_id=task_id)
+    atomic_write_bytes(paths["stats"], (json.dumps(stats.__dict__, indent=1) + "\n").encode())  # last
+    return stats
+
+
+def main(cfg: ExperimentConfig, *, task_id: int | None = None, num_tasks: int | None = None,
+         assemble_only: bool = False) -> Path:
+    p = plan(cfg)
+    if assemble_only:
+        return _assemble(p, require=True)
+    task_id, num_tasks = task_from_env(task_id, num_tasks)
+    if num_tasks > p.num_shards:
+        raise GdroError(f"{num_tasks} tasks for {p.num_shards} shards: tasks {p.num_shards}..{num_tasks - 1} would "
+                        f"have nothing to do; use at most {p.num_shards} tasks or a smaller "
+                        f"rollouts.prompts_per_shard")
+    mine = layout.shards_of_task(task_id, num_tasks, p.num_shards)
+    pending = [s for s in mine if not shard_is_complete(p.root, s, p.fingerprint)]
+    print(f"rollouts: task {task_id}/{num_tasks}: {len(mine)} shards, {len(mine) - len(pending)} already done, "
+          f"{len(pending)} to generate into {p.root}", flush=True)
+    if pending:
+        torch.manual_seed(0)
+        m = cfg.model
+        backend = load_backend(m.backend, m.path, dtype=getattr(torch, m.dtype))
+        rewards = [make_reward(name, params) for name, params in cfg.rollouts.rewards.items()]
+        per_shard = [len(layout.shard_prompt_ids(s, len(p.prompts), cfg.rollouts.prompts_per_shard)) for s in pending]
+        bar = tqdm(total=sum(per_shard) * cfg.rollouts.group_size, desc=f"rollouts task {task_id}", unit="img",
+                   dynamic_ncols=True)
+        t0 = time.time()
+        for s, n_groups in zip(pending, per_shard):
+            stats = generate_shard(s, p, backend, rewards, task_id, bar)
+            done_groups = bar.n / cfg.rollouts.group_size
+            bar.set_postfix(shard=stats.shard, groups_s=f"{done_groups / (time.time() - t0):.2f}",
+                            failed=stats.failed_images)
+        bar.close()
+    return _assemble(p, require=False)
+
+
+def _assemble(p: Plan, *, require: bool) -> Path:
+    done = [s for s in range(p.num_shards) if layout.shard_paths(p.root, s)["stats"].exists()]
+    if len(done) < p.num_shards:
+        msg = f"{len(done)}/{p.num_shards} shards done; the manifest is assembled when all are"
+        if require:
+            raise GdroError(msg)
+        print(f"rollouts: {msg}", flush=True)
+        return p.root
+    path = assemble_manifest(p.root)
+    print(f"rollouts: all {p.num_shards} shards done; wrote {path}", flush=True)
+    return p.root
+
