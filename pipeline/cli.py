@@ -1,6 +1,7 @@
 """The `gdro` command line: one subcommand per stage. User errors end in one line on stderr and exit code 2."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -73,10 +74,6 @@ def config_show(preset, files, overrides):
 
 
 # ------------------------------------------------------------------------------------------------ stages
-def _not_yet(what: str, issue: int):
-    raise GdroError(f"{what} arrives with issue {issue}; it is not implemented in this version yet")
-
-
 @cli.command()
 @config_options
 @click.option("--task-id", type=int, default=None,
@@ -136,24 +133,44 @@ def status(dataset):
 
 @cli.command()
 @config_options
-def train(preset, files, overrides):
-    """Stage two: DeepSpeed training of the group-weighted loss from the shards."""
-    _experiment(preset, files, overrides)
-    _not_yet("stage two (train)", 4)
+@click.option("--resume/--no-resume", default=None,
+              help="Continue from the newest checkpoint in train.out (default: resume when one exists).")
+def train(preset, files, overrides, resume):
+    """Stage two: DeepSpeed training of the group-weighted loss from the shards.
+
+    \b
+    Single process:  gdro train
+    Several:         torchrun --standalone --nproc_per_node 2 -m pipeline.cli train
+    Reads only train.dataset (no sampling, no text encoder, VAE or reward model); writes
+    train.out/{config.json, metrics.jsonl, tensorboard/, checkpoints/, export/}.
+    """
+    cfg = _experiment(preset, files, overrides, show=os.environ.get("RANK", "0") == "0")
+    from stages.train import main as run
+
+    run(cfg, resume=resume)
 
 
 @cli.command("eval")
 @config_options
 def eval_(preset, files, overrides):
-    """Evaluate a trained run against the reference on held-out prompts."""
-    _experiment(preset, files, overrides)
-    _not_yet("evaluation", 4)
+    """Sample held-out prompts from the reference and the trained model with the same noise; score both."""
+    cfg = _experiment(preset, files, overrides)
+    from stages.evaluate import main as run
+
+    run(cfg)
 
 
 @cli.command()
-def bench():
-    """Benchmarks (ours vs. the plain alternative), written as a table."""
-    _not_yet("the benchmarks", 3)
+@config_options
+@click.option("--out", default="bench/out", show_default=True, type=click.Path(file_okay=False))
+@click.option("--repeats", default=3, show_default=True, help="Timed repeats per case (best is kept).")
+def bench(preset, files, overrides, out, repeats):
+    """Benchmarks, ours vs. the plain alternative in one run: rollouts batching, cached vs. live reference,
+    shard reading (needs a dataset at rollouts.out). Writes OUT/results.md."""
+    cfg = _experiment(preset, files, overrides, show=False)
+    from stages.bench import main as run
+
+    run(cfg, out=Path(out), repeats=repeats)
 
 
 # ------------------------------------------------------------------------------------------------ toy world

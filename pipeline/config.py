@@ -111,11 +111,90 @@ class RolloutsConfig:
 
 
 @dataclass
+class TrainConfig:
+    dataset: str = "datasets/toy"  # a stage-one dataset folder (manifest.json); the only input of training
+    out: str = "runs/toy"  # run folder: checkpoints/, metrics.jsonl, tensorboard/, export/, config.json
+    loss: str = "dgpo"  # dgpo | gdro-ce | gdro-pl | dpo | raft (see pipeline/losses.py)
+    reward_weights: dict[str, float] = field(default_factory=lambda: {"toy_geneval": 1.0})  # raw reward -> weight
+    beta: float = 500.0  # implicit-reward scale: rho = -beta (L - Lref)
+    adv_scope: str = "group"  # std of the advantages over the group | batch
+    adv_clip: float = 5.0  # |A| <= adv_clip
+    tau: float = 1.0  # gdro-ce target temperature
+    kl_beta: float = 0.0  # weight of ||v_theta - v_ref||^2 (needs a live reference, not the cache)
+    reference: str = "auto"  # auto (cache if the dataset has one, else lora if LoRA, else copy) | cache | lora | copy
+    t_law: str = "uniform"  # law of t when the reference is live: uniform | logit_normal
+    t_min: float = 0.0  # DGPO's timestep clip: t in [t_min, t_max]
+    t_max: float = 1.0
+    steps: int = 300  # optimiser steps
+    groups_per_step: int = 8  # groups per micro-batch per rank (x G images)
+    grad_accum: int = 1  # micro-batches per optimiser step
+    lr: float = 1e-4  # AdamW peak learning rate
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    lora_rank: int = 0  # 0 = full fine-tuning; > 0 = peft LoRA on the attention projections
+    lora_alpha: float = 0.0  # 0 = same as the rank
+    zero_stage: int = 2  # DeepSpeed ZeRO stage: 2 | 3
+    precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | fp32 | bf16
+    gradient_checkpointing: bool = False
+    save_every: int = 100  # steps between checkpoints (all ranks save through DeepSpeed)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    num_workers: int = 0  # DataLoader workers per rank
+    shuffle_buffer: int = 64  # groups
+    seed: int = 0
+
+    def check(self, key: str) -> None:
+        from .losses import LOSSES
+
+        _choice(f"{key}loss", self.loss, tuple(LOSSES))
+        _choice(f"{key}adv_scope", self.adv_scope, ("group", "batch"))
+        _choice(f"{key}reference", self.reference, ("auto", "cache", "lora", "copy"))
+        _choice(f"{key}t_law", self.t_law, ("uniform", "logit_normal"))
+        _choice(f"{key}zero_stage", self.zero_stage, (2, 3))
+        _choice(f"{key}precision", self.precision, ("auto", "fp32", "bf16"))
+        for name in ("steps", "groups_per_step", "grad_accum", "lr", "save_every", "keep_checkpoints", "adv_clip",
+                     "tau"):
+            _positive(f"{key}{name}", getattr(self, name))
+        if self.beta <= 0 and self.loss != "raft":
+            raise GdroError(f"{key}beta must be > 0 for loss {self.loss}, got {self.beta}")
+        if not 0.0 <= self.t_min < self.t_max <= 1.0:
+            raise GdroError(f"{key}t_min/t_max must satisfy 0 <= t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
+        if not self.reward_weights:
+            raise GdroError(f"{key}reward_weights is empty: name at least one stored reward")
+        if self.lora_rank < 0 or self.kl_beta < 0 or self.num_workers < 0:
+            raise GdroError(f"{key}lora_rank, {key}kl_beta and {key}num_workers must be >= 0")
+        if self.reference == "lora" and self.lora_rank == 0:
+            raise GdroError(f"{key}reference=lora needs {key}lora_rank > 0")
+        if self.reference == "cache" and self.kl_beta > 0:
+            raise GdroError(f"{key}kl_beta > 0 needs a live reference ({key}reference=lora or copy); the cache "
+                            f"stores only the reference's errors, not its velocities")
+
+
+@dataclass
+class EvalConfig:
+    prompts: str = "prompts/toy_test.jsonl"  # held-out prompts (never in the rollouts' prompt file)
+    num_prompts: int = 0  # first N lines; 0 = all
+    seeds: int = 1  # images per prompt line
+    base_seed: int = 777  # eval noise seeds: sha256(base_seed, line, member): same noise for every model
+    checkpoint: str = ""  # model folder to evaluate; "" = <train.out>/export
+    out: str = ""  # report folder; "" = <train.out>/eval
+    batch_size: int = 100  # images per sampling batch
+
+    def check(self, key: str) -> None:
+        _positive(f"{key}seeds", self.seeds)
+        _positive(f"{key}batch_size", self.batch_size)
+        if self.num_prompts < 0:
+            raise GdroError(f"{key}num_prompts must be >= 0")
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "toy"  # run name, used in folder names and job names
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerSection = field(default_factory=SamplerSection)
     rollouts: RolloutsConfig = field(default_factory=RolloutsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ----------------------------------------------------------------------------------------- the machinery
@@ -283,5 +362,5 @@ def save_resolved(cfg, path: Path) -> None:
     Path(path).write_text(json.dumps(to_dict(cfg), indent=1, sort_keys=False) + "\n")
 
 
-__all__ = ["ExperimentConfig", "RolloutsConfig", "ModelConfig", "SamplerSection", "ToyPretrainConfig", "resolve", "from_dict", "dump", "save_resolved",
+__all__ = ["ExperimentConfig", "RolloutsConfig", "TrainConfig", "ModelConfig", "SamplerSection", "ToyPretrainConfig", "resolve", "from_dict", "dump", "save_resolved",
            "apply_overrides", "parse_override", "preset_names", "field"]

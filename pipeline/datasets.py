@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import subprocess
+import uuid
 from pathlib import Path
 
 from schemas import SCHEMA_VERSION, layout
@@ -20,10 +21,14 @@ from .rewards import reward_identity
 LIBRARIES = ("torch", "diffusers", "transformers", "webdataset", "pyarrow", "numpy", "Pillow", "deepspeed")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write under a temporary name, fsync, rename: a final name never holds a partial file."""
+def atomic_write_bytes(path: Path, data: bytes, *, shared: bool = False) -> None:
+    """Write under a temporary name, fsync, rename: a final name never holds a partial file.
+
+    `shared`: several tasks may write this file at once (the run config), so each uses its own temporary name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = layout.tmp_path(path)
+    if shared:
+        tmp = tmp.with_name(f"{tmp.name}.{uuid.uuid4().hex}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -113,7 +118,7 @@ def prepare_folder(root: Path, cfg: ExperimentConfig, prompts: list[dict]) -> st
         return fingerprint
     record = {"fingerprint": fingerprint, "identity": ident, "resolved_config": to_dict(cfg),
               "code_version": code_version(), "library_versions": library_versions()}
-    atomic_write_bytes(path, (json.dumps(record, indent=1) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(record, indent=1) + "\n").encode(), shared=True)
     return fingerprint
 
 
@@ -130,6 +135,7 @@ def shard_is_complete(root: Path, index: int, fingerprint: str) -> bool:
             ok = False
         if ok:
             return True
-    for p in (*paths.values(), *(layout.tmp_path(p) for p in paths.values())):
+    order = (paths["stats"], paths["tar"], paths["parquet"])  # the completion marker goes first
+    for p in (*order, *(layout.tmp_path(p) for p in order)):
         p.unlink(missing_ok=True)
     return False

@@ -96,7 +96,8 @@ def rollout_status(root: Path) -> str:
         raise GdroError(f"{root} has no {layout.RUN_CONFIG}: no rollouts job has started there")
     ident = json.loads(run_path.read_text())["identity"]
     total = ident["num_shards"]
-    stats = [ShardStats.load(p) for p in sorted((Path(root) / layout.SHARDS).glob("*.stats.json"))]
+    stats = [ShardStats.load(p) for p in sorted((Path(root) / layout.SHARDS).glob("*.stats.json"))
+             if not p.name.startswith(layout.TMP_PREFIX)]  # pathlib's * matches dot files: skip unfinished ones
     images = sum(s.images for s in stats)
     seconds = sum(s.seconds for s in stats)
     per_task: dict[int, int] = {}

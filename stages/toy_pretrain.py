@@ -19,12 +19,13 @@ from tqdm import tqdm
 
 from pipeline.backends.toy import TextEncoderConfig, ToyBackend, ToyTextEncoder, build_transformer
 from pipeline.config import ToyPretrainConfig, save_resolved
-from pipeline.sampling import SamplerConfig, sample
+from pipeline.evaluation import sample_prompt_set
+from pipeline.flow import sample_t
+from pipeline.sampling import SamplerConfig
 from pipeline.toy.prompts import KINDS, all_prompts, sample_scene
 from pipeline.toy.scoring import format_table, kind_table, score_images
 from pipeline.toy.world import render, to_unit
 from pipeline.prompts import load_prompts
-from schemas.seeds import member_seed, noise_for
 
 
 def _batch(rng: np.random.Generator, by_kind: dict[str, list[dict]], n: int, dropout: float):
@@ -37,23 +38,10 @@ def _batch(rng: np.random.Generator, by_kind: dict[str, list[dict]], n: int, dro
     return prompts, torch.from_numpy(np.stack(images))
 
 
-def _sample_t(n: int, gen: torch.Generator) -> torch.Tensor:
-    """Logit-normal(0, 1) timesteps, SD3's training law."""
-    return torch.sigmoid(torch.randn(n, generator=gen))
-
-
-@torch.no_grad()
 def evaluate(backend: ToyBackend, metas: list[dict], sampler: SamplerConfig, *, seed: int = 0,
              batch: int = 100) -> dict:
     """Sample one image per prompt line (seeded by line index) and score it with the verifier."""
-    null = backend.encode_prompts([""])
-    images = []
-    for i in range(0, len(metas), batch):
-        chunk = metas[i:i + batch]
-        noise = torch.stack([noise_for(member_seed(seed, i + j, 0), backend.latent_shape) for j in range(len(chunk))])
-        cond = backend.encode_prompts([m["prompt"] for m in chunk])
-        images.append(backend.decode(sample(backend, noise, cond, sampler, null_cond=null)))
-    images = np.concatenate(images)
+    images = sample_prompt_set(backend, metas, sampler, base_seed=seed, batch=batch)
     return {"images": images, "table": kind_table(score_images(images, metas), [m["tag"] for m in metas])}
 
 
@@ -89,7 +77,7 @@ def main(cfg: ToyPretrainConfig) -> Path:
     for step in bar:
         prompts, x0 = _batch(rng, by_kind, cfg.batch_size, cfg.caption_dropout)
         eps = torch.randn(x0.shape, generator=gen)
-        t = _sample_t(x0.shape[0], gen)
+        t = sample_t(x0.shape[0], gen, law="logit_normal", t_min=0.0, t_max=1.0)  # SD3's law
         xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
         h, pooled = model["text"](model["text"].tokenize(prompts))
         v = model["transformer"](hidden_states=xt, timestep=t * 1000.0, encoder_hidden_states=h,

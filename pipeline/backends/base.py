@@ -7,6 +7,7 @@ conditioning, so the training job never loads a text encoder or a VAE.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
@@ -50,6 +51,15 @@ class ModelBackend(Protocol):
     def decode(self, latents: torch.Tensor) -> np.ndarray: ...
 
 
+def transformer_velocity(module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    """v(x_t, t, c) of an SD3-family transformer (or a DeepSpeed engine wrapping one); t in [0, 1], t = 1 noise.
+    diffusers' SD3 transformer takes timesteps in [0, 1000]."""
+    t = t.to(device=x.device, dtype=x.dtype)
+    t = t.expand(x.shape[0]) if t.numel() == 1 else t
+    return module(hidden_states=x, timestep=t * 1000.0, encoder_hidden_states=cond.prompt_embeds,
+                  pooled_projections=cond.pooled_embeds, return_dict=False)[0]
+
+
 BACKENDS: dict[str, Callable[..., ModelBackend]] = {}
 
 
@@ -81,3 +91,15 @@ def _toy(path: str, **kwargs) -> ModelBackend:
     from .toy import ToyBackend
 
     return ToyBackend.from_pretrained(path, **kwargs)
+
+
+def load_transformer(name: str, path: str):
+    """Only the denoiser, for stage two (no text encoder, no VAE)."""
+    from diffusers import SD3Transformer2DModel
+
+    if name not in BACKENDS:
+        raise GdroError(f"model.backend: unknown backend {name!r}; known: {', '.join(sorted(BACKENDS))}")
+    folder = Path(path) / "transformer"
+    if not (folder / "config.json").is_file():
+        raise GdroError(f"model.path: {folder} has no config.json; point model.path at a local model folder")
+    return SD3Transformer2DModel.from_pretrained(folder, local_files_only=True)

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..toy.prompts import NUMBERS, RELATIONS
 from ..toy.world import COLORS, PLURALS, SHAPES, SIZE, from_unit
-from .base import Conditioning
+from .base import Conditioning, transformer_velocity
 from ..errors import GdroError
 
 PAD, UNK = "<pad>", "<unk>"
@@ -148,10 +148,8 @@ class ToyBackend:
         return Conditioning(prompt_embeds=h, pooled_embeds=pooled)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """v_theta(x_t, t, c) with t in [0, 1] (1 = noise); diffusers' SD3 takes timesteps in [0, 1000]."""
-        t = t.to(device=x.device, dtype=x.dtype).expand(x.shape[0])
-        return self.transformer(hidden_states=x, timestep=t * 1000.0, encoder_hidden_states=cond.prompt_embeds,
-                                pooled_projections=cond.pooled_embeds, return_dict=False)[0]
+        """v_theta(x_t, t, c) with t in [0, 1] (1 = noise)."""
+        return transformer_velocity(self.transformer, x, t, cond)
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         return from_unit(latents.detach().float().cpu().numpy())

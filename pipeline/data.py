@@ -1,0 +1,129 @@
+"""Stage two's reader: a WebDataset pipeline over the shards that yields batches of whole groups.
+
+Shards are resampled with replacement per rank and worker (seeded by rank, worker, seed and the step the run
+starts from), so no rank can starve or hang however few shards there are; the decoding is our own whitelist
+(`schemas.manifest.decode_group`: JSON and .npy without pickle; images are not decoded at all: training needs
+latents only). The reward mix is applied here; a group with a failed reward that the mix needs is kept in the
+batch but marked invalid, so it is counted, never silently dropped, and never trained on.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from schemas import layout
+from schemas.codec import ShardError
+from schemas.manifest import decode_group, load_manifest
+
+from .errors import GdroError
+
+
+def mixed_rewards(raw: dict[str, list], weights: dict[str, float], where: str) -> tuple[np.ndarray, bool]:
+    """sum_name weight * raw reward, per member; (rewards, valid). Invalid if any needed score is missing."""
+    missing = [n for n in weights if n not in raw]
+    if missing:
+        raise GdroError(f"train.reward_weights names {', '.join(missing)}, but {where} stores only "
+                        f"{', '.join(sorted(raw))}")
+    g = len(next(iter(raw.values())))
+    total = np.zeros(g, np.float64)
+    valid = True
+    for name, w in weights.items():
+        vals = np.array([np.nan if v is None else v for v in raw[name]], np.float64)
+        if not np.isfinite(vals).all():
+            valid = False
+        total += w * np.nan_to_num(vals)
+    return total, valid
+
+
+def _to_item(sample: dict, weights: dict[str, float]) -> dict:
+    key = sample["__key__"]
+    where = sample.get("__url__", "shard")
+    raw = {k: v for k, v in sample.items() if not k.startswith("__") and not k.split(".")[-1] in layout.IMAGE_EXTS}
+    rec, arrays = decode_group(key, raw, where)
+    rewards, valid = mixed_rewards(rec.rewards, weights, f"{where}, key {key}")
+    return {
+        "key": key,
+        "latents": torch.from_numpy(arrays[layout.LATENTS_MEMBER]),
+        "prompt_embeds": torch.from_numpy(arrays[layout.PROMPT_EMBEDS_MEMBER]),
+        "pooled_embeds": torch.from_numpy(arrays[layout.POOLED_EMBEDS_MEMBER]),
+        "rewards": torch.from_numpy(rewards),
+        "valid": valid,
+        "ref_t": torch.tensor(rec.ref_t, dtype=torch.float32),
+        "ref_noise_seeds": list(rec.ref_noise_seeds),
+        "ref_errors": torch.tensor(rec.ref_errors, dtype=torch.float64).reshape(len(rec.ref_t), rec.group_size),
+    }
+
+
+def collate_groups(items: list[dict]) -> dict:
+    return {
+        "keys": [it["key"] for it in items],
+        "latents": torch.stack([it["latents"] for it in items]),  # [N, G, C, H, W]
+        "prompt_embeds": torch.stack([it["prompt_embeds"] for it in items]),  # [N, L, D]
+        "pooled_embeds": torch.stack([it["pooled_embeds"] for it in items]),  # [N, P]
+        "rewards": torch.stack([it["rewards"] for it in items]),  # [N, G] float64
+        "valid": torch.tensor([it["valid"] for it in items]),
+        "ref_t": torch.stack([it["ref_t"] for it in items]),  # [N, K]
+        "ref_noise_seeds": [it["ref_noise_seeds"] for it in items],
+        "ref_errors": torch.stack([it["ref_errors"] for it in items]),  # [N, K, G]
+    }
+
+
+def shard_urls(root: Path) -> tuple[dict, list[str]]:
+    try:
+        manifest = load_manifest(root)
+    except ShardError as e:
+        raise GdroError(f"train.dataset: {e}") from None
+    urls = [str(Path(root) / sh["tar"]) for sh in manifest["shards"]]
+    for u in urls:
+        if not Path(u).is_file():
+            raise GdroError(f"train.dataset: shard {u} listed in the manifest is missing; run `gdro verify {root}`")
+    return manifest, urls
+
+
+def _local_tar_samples(src):
+    """webdataset's tarfile_to_samples, but the shards are opened here with a plain open(): under WDS_SECURE=1
+    (which this project asks for) webdataset's gopen refuses every local path."""
+    from webdataset.handlers import reraise_exception
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    def opened(urls):
+        for s in urls:
+            with open(s["url"], "rb") as stream:
+                yield dict(s, stream=stream)
+
+    return group_by_keys(tar_file_expander(opened(src), handler=reraise_exception), handler=reraise_exception)
+
+
+def group_batches(root: Path, *, groups: int, weights: dict[str, float], seed: int, rank: int, world: int,
+                  workers: int, shuffle_buffer: int, start_step: int = 0):
+    """An endless iterable of collated batches of `groups` groups for this rank."""
+    import webdataset as wds
+
+    manifest, urls = shard_urls(root)
+    slots = world * max(1, workers)
+    if len(urls) < slots:
+        print(f"data: {len(urls)} shards for {world} ranks x {max(1, workers)} workers: every rank and worker "
+              f"resamples shards with replacement, so none starves (groups repeat sooner)", flush=True)
+    run_seed = seed * 1_000_003 + start_step  # a resumed run draws new data, not the start again
+
+    def worker_seed():
+        info = torch.utils.data.get_worker_info()
+        return rank * 1000 + (info.id if info else 0)
+
+    pipeline = wds.DataPipeline(
+        wds.ResampledShards(urls, seed=run_seed, worker_seed=worker_seed, deterministic=True),
+        _local_tar_samples,
+        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 16), seed=run_seed + rank),
+        wds.map(lambda s: _to_item(s, weights)),
+        wds.batched(groups, collation_fn=collate_groups, partial=False),
+    )
+    loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=workers,
+                                         persistent_workers=workers > 0)
+    return manifest, loader
+
+
+def steps_per_epoch(manifest: dict, groups: int, world: int) -> float:
+    return manifest["totals"]["groups"] / max(1, groups * world) if manifest["totals"]["groups"] else math.inf

@@ -1,0 +1,307 @@
+"""Recipe, stage two: DeepSpeed ZeRO training of a group-weighted loss, reading only the shards.
+
+setup (distributed, data, transformer, optional LoRA, reference, engine, resume) -> train (shared t and eps per
+group, policy errors, reference errors from the cache or a live model, loss, metrics) -> checkpoint every N
+steps through DeepSpeed on all ranks -> export what diffusers loads. No text encoder, VAE or reward model is
+ever loaded here.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.backends.base import Conditioning, load_transformer, transformer_velocity
+from pipeline.config import ExperimentConfig, save_resolved, to_dict
+from pipeline.data import group_batches
+from pipeline.distributed import init_distributed, print0
+from pipeline.errors import GdroError
+from pipeline.flow import flow_errors, sample_t
+from pipeline.losses import NEEDS_REFERENCE, group_loss, kl_penalty, pairwise_accuracy
+from schemas.seeds import noise_for
+
+CHECKPOINTS = "checkpoints"
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+def resolve_reference(mode: str, manifest: dict, lora: bool) -> str:
+    has_cache = manifest["reference_cache"]["K"] > 0
+    if mode == "auto":
+        return "cache" if has_cache else ("lora" if lora else "copy")
+    if mode == "cache" and not has_cache:
+        raise GdroError("train.reference=cache, but the dataset was generated with rollouts.ref_cache_k=0; use "
+                        "train.reference=auto (a live reference) or regenerate with a cache")
+    return mode
+
+
+def ds_config(t, world: int, bf16: bool) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": t.groups_per_step,  # in groups; DeepSpeed only uses it for bookkeeping
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.max_grad_norm,
+        "zero_optimization": {"stage": t.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,  # a client torch AdamW: no compiled op needed
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class Preemption:
+    """SIGUSR2/SIGTERM only set a flag; the loop all-reduces it so every rank checkpoints at the same step."""
+
+    def __init__(self):
+        self.flag = False
+        for sig in (signal.SIGUSR2, signal.SIGTERM):
+            signal.signal(sig, self._set)
+
+    def _set(self, *_):
+        self.flag = True
+
+    def any_rank(self, device) -> bool:
+        import torch.distributed as dist
+
+        f = torch.tensor([1.0 if self.flag else 0.0], device=device)
+        dist.all_reduce(f)
+        return bool(f.item() > 0)
+
+
+def _draws(batch: dict, ref: str, t_cfg, gen: torch.Generator, shape) -> tuple:
+    """Per group: (t [N], eps [N, C, H, W], cached reference errors [N, G] or None)."""
+    n = batch["rewards"].shape[0]
+    if ref == "cache":
+        k = torch.randint(batch["ref_t"].shape[1], (n,), generator=gen)
+        t = batch["ref_t"][torch.arange(n), k]
+        eps = torch.stack([noise_for(int(batch["ref_noise_seeds"][i][int(k[i])]), shape) for i in range(n)])
+        return t, eps, batch["ref_errors"][torch.arange(n), k]
+    t = sample_t(n, gen, law=t_cfg.t_law, t_min=t_cfg.t_min, t_max=t_cfg.t_max)
+    return t, torch.randn((n, *shape), generator=gen), None
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past the checkpoint we resume from (written by a run that died between checkpoints)."""
+    if not path.exists():
+        return
+    lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+    tmp = path.with_name(".tmp-" + path.name)
+    tmp.write_text("".join(l + "\n" for l in lines))
+    tmp.replace(path)
+
+
+def _prune(ckdir: Path, keep: int) -> None:
+    tags = sorted(p for p in ckdir.glob("step_*") if p.is_dir())
+    for old in tags[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
+    import deepspeed
+
+    t = cfg.train
+    rank, world, _local, device = init_distributed()
+    out = Path(t.out)
+    ckdir = out / CHECKPOINTS
+    latest = ckdir / "latest"
+    if resume is False and latest.exists():  # before anything is written: a refused run leaves the folder as it was
+        raise GdroError(f"{out} already holds checkpoints; resume it (drop --no-resume) or choose a new train.out")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, out / "config.json")
+    torch.manual_seed(t.seed)
+
+    # ---- data: the start step is known only after resume; peek at the checkpoint tag first
+    start_tag = latest.read_text().strip() if latest.exists() else None
+    start_step = int(start_tag.split("_")[1]) if start_tag else 0
+    manifest, loader = group_batches(Path(t.dataset), groups=t.groups_per_step, weights=t.reward_weights,
+                                     seed=t.seed, rank=rank, world=world, workers=t.num_workers,
+                                     shuffle_buffer=t.shuffle_buffer, start_step=start_step)
+    G = manifest["group_size"]
+    shape = tuple(manifest["generator"]["latent_shape"])
+    lora = t.lora_rank > 0
+    ref_mode = resolve_reference(t.reference, manifest, lora) if t.loss in NEEDS_REFERENCE or t.kl_beta else "none"
+    if ref_mode == "cache" and t.kl_beta:
+        raise GdroError("train.kl_beta > 0 needs a live reference: set train.reference=lora or copy")
+    gen_sha = manifest["generator"]["weights_sha256"].get("transformer/diffusion_pytorch_model.safetensors")
+    from schemas.records import sha256_file
+
+    here = Path(cfg.model.path) / "transformer/diffusion_pytorch_model.safetensors"
+    if ref_mode == "cache" and gen_sha and here.is_file() and sha256_file(here) != gen_sha:
+        raise GdroError(f"model.path {cfg.model.path} is not the model that generated {t.dataset} (weights sha256 "
+                        f"differ), so the cached reference errors do not apply; train from the generator's weights")
+
+    # ---- model, reference, engine
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    transformer = load_transformer(cfg.model.backend, cfg.model.path)
+    reference = copy.deepcopy(transformer).requires_grad_(False).eval().to(device) if ref_mode == "copy" else None
+    if lora:
+        from peft import LoraConfig
+
+        transformer.requires_grad_(False)
+        transformer.add_adapter(LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha or t.lora_rank,
+                                           init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    if t.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999))
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, t.warmup_steps)))
+    engine, _, _, _ = deepspeed.initialize(model=transformer, optimizer=optimizer, lr_scheduler=sched,
+                                           config=ds_config(t, world, bf16))
+    step = 0
+    if start_tag:
+        _, client = engine.load_checkpoint(str(ckdir), tag=start_tag)
+        step = int(client["step"])
+        print0(f"train: resumed from {ckdir / start_tag} at step {step}")
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    print0(f"train: {sum(p.numel() for p in params) / 1e6:.3f} M trainable parameters ({'LoRA' if lora else 'full'}), "
+           f"loss {t.loss}, reference {ref_mode}, ZeRO-{t.zero_stage}, {dtype}, {world} rank(s), G={G}")
+
+    def policy_v(x, tt, c):
+        return transformer_velocity(engine, x, tt, c)
+
+    def reference_v(x, tt, c):
+        if ref_mode == "lora":
+            engine.module.disable_adapters()
+            try:
+                return transformer_velocity(engine.module, x, tt, c)
+            finally:
+                engine.module.enable_adapters()
+        return transformer_velocity(reference, x, tt, c)
+
+    # ---- loop
+    if rank == 0:
+        _trim_metrics(out / "metrics.jsonl", step)
+    metrics_f = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    tb = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(str(out / "tensorboard"))
+    stop = Preemption()
+    it = iter(loader)
+    bar = tqdm(total=t.steps, initial=step, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True)
+    t_last = time.time()
+    while step < t.steps:
+        batch = next(it)
+        gen = torch.Generator().manual_seed(t.seed * 1_000_003 + step * 1009 + rank)
+        n = batch["rewards"].shape[0]
+        tt, eps, ref_cached = _draws(batch, ref_mode, t, gen, shape)
+        x0 = batch["latents"].reshape(n * G, *shape).to(device, dtype)
+        eps_g = eps.repeat_interleave(G, 0).to(device, dtype)  # one eps and one t per group
+        t_g = tt.repeat_interleave(G, 0).to(device)
+        cond = Conditioning(batch["prompt_embeds"], batch["pooled_embeds"]).repeat_interleave(G).to(device, dtype)
+        err, v = flow_errors(policy_v, x0, eps_g, t_g, cond, return_velocity=True)
+        kl = torch.zeros((), device=device)
+        if ref_mode in ("lora", "copy"):
+            with torch.no_grad():
+                ref_err, v_ref = flow_errors(reference_v, x0, eps_g, t_g, cond, return_velocity=True)
+            if t.kl_beta:
+                kl = kl_penalty(v, v_ref)
+            ref_err = ref_err.view(n, G)
+        else:
+            ref_err = ref_cached.to(device, torch.float32) if ref_cached is not None else None
+        rewards = batch["rewards"].to(device)
+        valid = batch["valid"].to(device)
+        rewards = torch.where(valid.unsqueeze(1), rewards, torch.zeros_like(rewards))  # invalid: no spread, no signal
+        out_ = group_loss(t.loss, err.view(n, G), ref_err, rewards.float(), beta=t.beta, adv_scope=t.adv_scope,
+                          adv_clip=t.adv_clip, tau=t.tau)
+        loss = out_.loss + t.kl_beta * kl
+        engine.backward(loss)
+        engine.step()
+        step += 1
+        now = time.time()
+        sig = out_.signal
+        record = {
+            "step": step, "loss": float(loss.detach()), "kl": float(kl.detach()),
+            "implicit_acc": pairwise_accuracy(out_.rho.detach(), rewards),
+            "rho_mean": float(out_.rho.detach().mean()),
+            "abs_adv": float(out_.advantages[sig].abs().mean()) if sig.any() else 0.0,
+            "zero_spread": float((~sig & valid).float().mean()), "invalid_groups": int((~valid).sum()),
+            "reward_mean": float(rewards[valid].mean()) if valid.any() else float("nan"),
+            "grad_norm": float(engine.get_global_grad_norm() or 0.0), "lr": float(sched.get_last_lr()[0]),
+            "images_per_s": n * G * world / max(now - t_last, 1e-9), "t_mean": float(tt.mean()),
+        }
+        t_last = now
+        if rank == 0:
+            metrics_f.write(json.dumps(record) + "\n")
+            metrics_f.flush()
+            for k, v_ in record.items():
+                if k != "step" and np.isfinite(v_):
+                    tb.add_scalar(f"train/{k}", v_, step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['implicit_acc']:.2f}",
+                            r=f"{record['reward_mean']:.3f}")
+        preempted = stop.any_rank(device)
+        if step % t.save_every == 0 or step == t.steps or preempted:
+            save_checkpoint(engine, cfg, ckdir, step, rank)
+        if preempted:
+            print0(f"train: preemption signal: checkpointed at step {step}; exiting for requeue")
+            return out
+    bar.close()
+    if rank == 0:
+        metrics_f.close()
+        tb.close()
+    export(engine, cfg, out / "export", lora=lora, rank=rank)
+    return out
+
+
+def save_checkpoint(engine, cfg: ExperimentConfig, ckdir: Path, step: int, rank: int) -> None:
+    """All ranks save through DeepSpeed; `latest` moves only once the tag is complete."""
+    engine.save_checkpoint(str(ckdir), tag=f"step_{step:07d}", client_state={"step": step, "config": to_dict(cfg)})
+    if rank == 0:
+        _prune(ckdir, cfg.train.keep_checkpoints)
+
+
+def _merged_copy(model, cfg: ExperimentConfig, lora_dir: Path):
+    """Save the adapter in diffusers' LoRA format, then return a plain transformer with the LoRA merged in."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import get_peft_model_state_dict
+
+    StableDiffusion3Pipeline.save_lora_weights(str(lora_dir), transformer_lora_layers=get_peft_model_state_dict(model),
+                                               safe_serialization=True)
+    for mod in model.modules():
+        if isinstance(mod, BaseTunerLayer):
+            mod.merge()
+    merged = {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if "lora_" not in k}
+    plain = load_transformer(cfg.model.backend, cfg.model.path)
+    plain.load_state_dict(merged, strict=True)
+    return plain
+
+
+def export(engine, cfg: ExperimentConfig, folder: Path, *, lora: bool, rank: int) -> Path | None:
+    """A model folder diffusers loads: the full transformer (`from_pretrained`; LoRA merged) plus, for LoRA,
+    the adapter alone in diffusers' format (`load_lora_weights`). Written to a temporary folder, then renamed."""
+    import torch.distributed as dist
+
+    module = engine.module
+    state = engine._zero3_consolidated_16bit_state_dict() if cfg.train.zero_stage == 3 else None
+    if rank != 0:
+        dist.barrier()
+        return None
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = copy.deepcopy(module).float().cpu()
+    if state is not None:
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    if lora:
+        model = _merged_copy(model, cfg, tmp / "lora")
+    model.save_pretrained(tmp / "transformer", safe_serialization=True)
+    src = Path(cfg.model.path)
+    for item in src.iterdir():  # everything but the transformer comes from the base model folder
+        if item.name != "transformer" and not (tmp / item.name).exists():
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+    (tmp / "gdro_export.json").write_text(json.dumps({"base_model": str(src), "train": to_dict(cfg.train)}, indent=1))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    dist.barrier()
+    print0(f"train: exported {folder}")
+    return folder
