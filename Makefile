@@ -7,7 +7,7 @@ TORCH_PIN ?= torch==2.13.0
 PRESET ?= toy
 ARGS ?=
 
-.PHONY: help setup test test-fast rollouts train eval bench toy-base toy-samples prompts clean
+.PHONY: help setup lint test test-fast rollouts train eval bench toy-base toy-samples prompts clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -21,8 +21,11 @@ $(BIN)/gdro: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	@touch $@
 
-test: setup ## run the test suite
+test: setup lint ## run the test suite (after the linter)
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q tests
+
+lint: setup ## pyflakes-level checks with ruff
+	$(BIN)/ruff check --select F,E9 pipeline stages schemas tests
 
 test-fast: setup ## run the tests not marked slow
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -m "not slow" tests

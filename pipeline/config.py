@@ -34,7 +34,7 @@ class ModelConfig:
 
 
 @dataclass
-class SamplerSection:
+class SamplerConfig:
     scheduler: str = "FlowMatchEulerDiscreteScheduler"  # any diffusers FlowMatch* scheduler
     steps: int = 16  # ODE solver steps
     shift: float = 1.0  # timestep shift (SD3.5 uses 3.0)
@@ -191,7 +191,7 @@ class EvalConfig:
 class ExperimentConfig:
     name: str = "toy"  # run name, used in folder names and job names
     model: ModelConfig = field(default_factory=ModelConfig)
-    sampler: SamplerSection = field(default_factory=SamplerSection)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
     rollouts: RolloutsConfig = field(default_factory=RolloutsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -362,5 +362,5 @@ def save_resolved(cfg, path: Path) -> None:
     Path(path).write_text(json.dumps(to_dict(cfg), indent=1, sort_keys=False) + "\n")
 
 
-__all__ = ["ExperimentConfig", "RolloutsConfig", "TrainConfig", "ModelConfig", "SamplerSection", "ToyPretrainConfig", "resolve", "from_dict", "dump", "save_resolved",
+__all__ = ["ExperimentConfig", "RolloutsConfig", "TrainConfig", "ModelConfig", "SamplerConfig", "ToyPretrainConfig", "resolve", "from_dict", "dump", "save_resolved",
            "apply_overrides", "parse_override", "preset_names", "field"]

@@ -5,20 +5,11 @@ transformer timestep is 1000 t.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .backends.base import Conditioning, ModelBackend
+from .config import SamplerConfig
 from .errors import GdroError
-
-
-@dataclass
-class SamplerConfig:
-    scheduler: str = "FlowMatchEulerDiscreteScheduler"  # any diffusers flow-matching scheduler class
-    steps: int = 16  # number of scheduler steps (ODE solver steps for Euler)
-    shift: float = 1.0  # timestep shift (SD3 uses 3.0 at 1024 px)
-    guidance: float = 1.0  # classifier-free guidance scale; 1.0 disables the unconditional pass
 
 
 def make_scheduler(cfg: SamplerConfig):

@@ -14,18 +14,17 @@ import torch
 from tqdm import tqdm
 
 from pipeline.backends.base import load_backend
-from pipeline.config import ExperimentConfig, save_resolved, to_dict
+from pipeline.config import ExperimentConfig, save_resolved
 from pipeline.errors import GdroError
 from pipeline.evaluation import sample_prompt_set
 from pipeline.prompts import load_prompts
-from pipeline.sampling import SamplerConfig
 from pipeline.toy.scoring import format_table, kind_table, score_images
 
 
 def evaluate_model(path: str, cfg: ExperimentConfig, metas: list[dict], label: str) -> dict:
     e = cfg.eval
     backend = load_backend(cfg.model.backend, path, dtype=getattr(torch, cfg.model.dtype))
-    sampler = SamplerConfig(**to_dict(cfg.sampler))
+    sampler = cfg.sampler
     with tqdm(total=len(metas) * e.seeds, desc=f"eval {label}", unit="img", dynamic_ncols=True) as bar:
         images = sample_prompt_set(backend, metas, sampler, base_seed=e.base_seed, seeds=e.seeds,
                                    batch=e.batch_size, progress=bar)

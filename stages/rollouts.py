@@ -17,14 +17,14 @@ import torch
 from tqdm import tqdm
 
 from pipeline.backends.base import Conditioning, load_backend
-from pipeline.config import ExperimentConfig, to_dict
+from pipeline.config import ExperimentConfig
 from pipeline.datasets import atomic_write_bytes, prepare_folder, shard_is_complete
 from pipeline.distributed import task_from_env
 from pipeline.errors import GdroError
 from pipeline.flow import flow_errors, sample_t
 from pipeline.prompts import load_prompts
 from pipeline.rewards import Reward, make_reward
-from pipeline.sampling import SamplerConfig, sample
+from pipeline.sampling import sample
 from schemas import layout
 from schemas.codec import image_bytes, json_bytes, npy_bytes
 from schemas.manifest import assemble_manifest
@@ -124,7 +124,7 @@ def generate_shard(index: int, p: Plan, backend, rewards: list[Reward], task_id:
     metas = [p.prompts[i] for i in ids]
     texts = [m["prompt"] for m in metas]
     cond = backend.encode_prompts(texts)
-    sampler = SamplerConfig(**to_dict(cfg.sampler))
+    sampler = cfg.sampler
     null = backend.encode_prompts([""]) if sampler.guidance != 1.0 else None
     seeds = [[member_seed(r.base_seed, pid, m) for m in range(g)] for pid in ids]
     flat = [(gi, m) for gi in range(len(ids)) for m in range(g)]

@@ -12,7 +12,6 @@ import json
 import shutil
 import signal
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np

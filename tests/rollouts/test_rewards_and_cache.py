@@ -25,14 +25,14 @@ SCORER = "gdro_test_user_scorer"
 
 @pytest.fixture
 def user_scorer(tmp_path, monkeypatch):
-    (tmp_path / f"{SCORER}.py").write_text(textwrap.dedent(f'''
+    (tmp_path / f"{SCORER}.py").write_text(textwrap.dedent('''
         import numpy as np
 
         def brightness(bad_prompt):
             def fn(images, prompts, metadata):
                 if bad_prompt in prompts:
                     raise RuntimeError("cannot score " + repr(bad_prompt))
-                return np.array([img.mean() / 255.0 for img in images]), {{}}
+                return np.array([img.mean() / 255.0 for img in images]), {}
             return fn
 
         brightness.version = "7"
