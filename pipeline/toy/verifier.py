@@ -20,7 +20,8 @@ from scipy import ndimage
 from .world import BACKGROUND, PALETTE, SHAPES, SQUARE_HALF, TRI_HEIGHT, shape_mask
 
 MIN_AREA = 20  # pixels: smaller components are specks (the smallest true object, a triangle at r=4.5, has ~32)
-MIN_IOU = 0.7  # template IoU below this: a blob with no shape (true renders fit at >= 0.79; a 2:1 bar at 0.61)
+MIN_IOU = 0.6  # template IoU below this: a blob with no shape (true renders fit at >= 0.79)
+MAX_ASPECT = 1.5  # bbox elongation above this: no shape of ours (all are ~1:1; a 2:1 bar fits a circle at 0.61)
 MIN_PURITY = 0.35  # mean colour purity below this: a colour smear, not an object
 COLOR_TOL = 110.0  # RGB distance at which a pixel's colour purity reaches 0
 REL_MARGIN = 2.0  # pixels: a position relation needs the centres this far apart on its axis
@@ -60,6 +61,7 @@ def _fit_templates(comp: np.ndarray) -> tuple[str | None, float]:
     ys, xs = np.nonzero(comp)
     x0, x1, y0, y1 = xs.min(), xs.max() + 1.0, ys.min(), ys.max() + 1.0
     w, h = x1 - x0, y1 - y0
+    elongated = max(w, h) / min(w, h) > MAX_ASPECT
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     area = comp.sum()
     best_shape, best_iou = None, 0.0
@@ -79,7 +81,7 @@ def _fit_templates(comp: np.ndarray) -> tuple[str | None, float]:
             iou = inter / (area + t.sum() - inter)
             if iou > best_iou:
                 best_shape, best_iou = shape, float(iou)
-    return (best_shape if best_iou >= MIN_IOU else None), best_iou
+    return (best_shape if best_iou >= MIN_IOU and not elongated else None), best_iou
 
 
 def parse(img: np.ndarray) -> Parse:
