@@ -50,7 +50,7 @@ class SamplerConfig:
 @dataclass
 class ToyPretrainConfig:
     out: str = "runs/toy-pretrain"  # output folder (weights, log, eval tables)
-    steps: int = 6000  # optimiser steps
+    steps: int = 5000  # optimiser steps (the shipped models/toy-base is step 5000 of seed 0)
     batch_size: int = 64  # images per step
     lr: float = 6e-4  # AdamW, constant after warm-up
     warmup_steps: int = 200
