@@ -128,7 +128,7 @@ class TrainConfig:
     steps: int = 300  # optimiser steps
     groups_per_step: int = 8  # groups per micro-batch per rank (x G images)
     grad_accum: int = 1  # micro-batches per optimiser step
-    lr: float = 1e-4  # AdamW peak learning rate
+    lr: float = 1e-5  # AdamW peak learning rate (full fine-tuning of the toy model degrades at 1e-4)
     weight_decay: float = 0.0
     warmup_steps: int = 10
     max_grad_norm: float = 1.0

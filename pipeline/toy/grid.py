@@ -72,6 +72,6 @@ def sample_grid(model: str, path: Path, prompts: str, *, per_kind: int = 4, seed
     null = backend.encode_prompts([""])
     lat = sample(backend, noise, cond, SamplerConfig(steps=steps, guidance=guidance), null_cond=null)
     images = backend.decode(lat).reshape(len(metas), seeds, *backend.latent_shape[1:], 3)
-    title = (f"{model}: {steps} Euler steps, guidance {guidance}; frame green = strict pass, "
-             f"number = partial credit")
+    title = (f"{model}: {steps} Euler steps, guidance {guidance}\n"
+             f"green frame = strict pass (GenEval rules), number = partial credit")
     return draw_grid(images, metas, path, title)
