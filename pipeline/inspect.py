@@ -83,7 +83,7 @@ def contact_sheet(root: Path, m: dict, path: Path, n_groups: int, reward: str | 
         axes[r, 0].set_ylabel(rec.prompt.removeprefix("a photo of "), rotation=0, ha="right", va="center",
                               fontsize=7)
     fig.suptitle(f"{root.name}: groups sorted by {reward or 'member'} (best left)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # room for the title
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -49,7 +49,7 @@ def draw_grid(images: np.ndarray, metas: list[dict], path: Path, title: str) -> 
                 text = metas[r]["prompt"].removeprefix("a photo of ")
                 ax.set_ylabel(f"{metas[r]['tag']}\n{text}", rotation=0, ha="right", va="center", fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # room for the title
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
