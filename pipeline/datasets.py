@@ -3,10 +3,8 @@ and deciding which shards are finished (stats present and checksums matching) or
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
-import uuid
 from pathlib import Path
 
 from schemas import SCHEMA_VERSION, layout
@@ -19,21 +17,6 @@ from .errors import GdroError
 from .rewards import reward_identity
 
 LIBRARIES = ("torch", "diffusers", "transformers", "webdataset", "pyarrow", "numpy", "Pillow", "deepspeed")
-
-
-def atomic_write_bytes(path: Path, data: bytes, *, shared: bool = False) -> None:
-    """Write under a temporary name, fsync, rename: a final name never holds a partial file.
-
-    `shared`: several tasks may write this file at once (the run config), so each uses its own temporary name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = layout.tmp_path(path)
-    if shared:
-        tmp = tmp.with_name(f"{tmp.name}.{uuid.uuid4().hex}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def weights_sha256(model_path: str) -> dict[str, str]:
@@ -118,7 +101,7 @@ def prepare_folder(root: Path, cfg: ExperimentConfig, prompts: list[dict]) -> st
         return fingerprint
     record = {"fingerprint": fingerprint, "identity": ident, "resolved_config": to_dict(cfg),
               "code_version": code_version(), "library_versions": library_versions()}
-    atomic_write_bytes(path, (json.dumps(record, indent=1) + "\n").encode(), shared=True)
+    layout.atomic_write(path, (json.dumps(record, indent=1) + "\n").encode(), shared=True)
     return fingerprint
 
 

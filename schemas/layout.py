@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
 
 SHARDS = "shards"
@@ -63,3 +65,20 @@ def shard_prompt_ids(index: int, num_prompts: int, prompts_per_shard: int) -> ra
 def shards_of_task(task_id: int, num_tasks: int, total: int) -> list[int]:
     """Task t of T writes the shards s with s % T == t."""
     return [s for s in range(total) if s % num_tasks == task_id]
+
+
+def atomic_write(path: Path, data: bytes, *, shared: bool = False) -> None:
+    """Write under a temporary name, fsync, rename: a final name never holds a partial file.
+
+    `shared`: several tasks may write this file at once (run config, manifest), so each uses its own
+    temporary name (a random suffix); shard files keep the plain `.tmp-<name>` their cleanup looks for."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(path)
+    if shared:
+        tmp = tmp.with_name(f"{tmp.name}.{uuid.uuid4().hex}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

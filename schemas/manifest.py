@@ -3,9 +3,7 @@ and the reader's checks of a whole dataset (`verify_dataset`)."""
 from __future__ import annotations
 
 import json
-import os
 import tarfile
-import uuid
 from pathlib import Path
 
 from . import SCHEMA_VERSION, layout
@@ -14,10 +12,7 @@ from .records import GroupRecord, ShardStats, sha256_bytes, sha256_file
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = layout.tmp_path(path)
-    tmp = tmp.with_name(f"{tmp.name}.{uuid.uuid4().hex}")  # the last tasks may all assemble at once
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    layout.atomic_write(path, text.encode(), shared=True)  # the last tasks may all assemble at once
 
 
 def assemble_manifest(root: Path) -> Path:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from pipeline.backends.base import Conditioning, load_backend
 from pipeline.config import ExperimentConfig
-from pipeline.datasets import atomic_write_bytes, prepare_folder, shard_is_complete
+from pipeline.datasets import prepare_folder, shard_is_complete
 from pipeline.distributed import task_from_env
 from pipeline.errors import GdroError
 from pipeline.flow import flow_errors, sample_t
@@ -186,8 +186,8 @@ def _write_shard(index: int, p: Plan, records, samples, task_id: int, seconds: f
     pbuf = pa.BufferOutputStream()
     pq.write_table(table, pbuf, compression="zstd")
     parquet_data = pbuf.getvalue().to_pybytes()
-    atomic_write_bytes(paths["tar"], tar_data)
-    atomic_write_bytes(paths["parquet"], parquet_data)
+    layout.atomic_write(paths["tar"], tar_data)
+    layout.atomic_write(paths["parquet"], parquet_data)
     failed = sum(st != "ok" for rec in records for st in rec.status)
     stats = ShardStats(
         shard=layout.shard_name(index), groups=len(records), images=sum(rec.group_size for rec in records),
@@ -195,7 +195,7 @@ def _write_shard(index: int, p: Plan, records, samples, task_id: int, seconds: f
         reward_means={n: reward_mean([v for rec in records for v in rec.rewards[n]]) for n in names},
         tar_sha256=sha256_bytes(tar_data), tar_bytes=len(tar_data), parquet_sha256=sha256_bytes(parquet_data),
         parquet_bytes=len(parquet_data), fingerprint=p.fingerprint, seconds=round(seconds, 3), task_id=task_id)
-    atomic_write_bytes(paths["stats"], (json.dumps(stats.__dict__, indent=1) + "\n").encode())  # last
+    layout.atomic_write(paths["stats"], (json.dumps(stats.__dict__, indent=1) + "\n").encode())  # last
     return stats
 
 

@@ -25,6 +25,7 @@ from pipeline.distributed import init_distributed, print0
 from pipeline.errors import GdroError
 from pipeline.flow import flow_errors, sample_t
 from pipeline.losses import NEEDS_REFERENCE, group_loss, kl_penalty, pairwise_accuracy
+from schemas import layout
 from schemas.seeds import noise_for
 
 CHECKPOINTS = "checkpoints"
@@ -90,9 +91,7 @@ def _trim_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-    tmp = path.with_name(".tmp-" + path.name)
-    tmp.write_text("".join(l + "\n" for l in lines))
-    tmp.replace(path)
+    layout.atomic_write(path, "".join(l + "\n" for l in lines).encode())
 
 
 def _prune(ckdir: Path, keep: int) -> None:
