@@ -125,6 +125,7 @@ class ShardStats:
     fingerprint: str
     seconds: float
     task_id: int
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase: sampling, rewards, ...
     schema_version: int = SCHEMA_VERSION
 
     @classmethod

@@ -1,6 +1,7 @@
 """Recipe: benchmarks, each a ratio of ours vs. the plain alternative measured in the same run on the same
 machine (absolute times on a shared CPU mean little). Writes bench/out/results.md and results.json.
 
+- rollouts end to end: `gdro rollouts` vs. a plain prompt-by-prompt loop, and its wall-time shares;
 - rollouts sampling: batches spanning prompts (`rollouts.batch_size` images) vs. one prompt's G images per batch;
 - training step: reference errors from the stage-one cache vs. a live frozen copy of the model;
 - shard reading: gdro's group pipeline (no image decoding) vs. decoding every member with webdataset.
@@ -49,6 +50,47 @@ def bench_sampling(cfg: ExperimentConfig, n_prompts: int, repeats: int) -> dict:
     a, b = _timeit(batched, repeats), _timeit(per_prompt, repeats)
     return {"name": "rollouts sampling, images/s", "ours": len(noise) / a, "plain": len(noise) / b,
             "ours_label": f"batches of {cfg.rollouts.batch_size} across prompts", "plain_label": f"one prompt ({g} images) per batch"}
+
+
+def bench_rollouts(cfg: ExperimentConfig, n_prompts: int) -> list[dict]:
+    """`gdro rollouts` end to end (sampling, decoding, every reward, reference cache, encoding, writing) vs. a
+    plain loop calling the same model prompt by prompt (G images per call, same sampler, nothing scored or
+    written); and where the rollouts' wall time goes, from the shards' own stats."""
+    import dataclasses
+    import tempfile
+
+    from pipeline.prompts import load_prompts
+    from schemas.records import ShardStats
+    from stages.rollouts import main as rollouts
+
+    g = cfg.rollouts.group_size
+    with tempfile.TemporaryDirectory() as tmp:
+        r = dataclasses.replace(cfg.rollouts, out=tmp, num_prompts=n_prompts, prompts_per_shard=n_prompts // 2)
+        run_cfg = dataclasses.replace(cfg, rollouts=r)
+        t0 = time.perf_counter()
+        rollouts(run_cfg)
+        ours = time.perf_counter() - t0
+        stats = [ShardStats.load(p) for p in sorted(Path(tmp, "shards").glob("[0-9]*.stats.json"))]
+    backend = load_backend(cfg.model.backend, cfg.model.path)
+    metas = load_prompts(cfg.rollouts.prompts)[:n_prompts]
+    null = backend.encode_prompts([""]) if cfg.sampler.guidance != 1.0 else None
+    t0 = time.perf_counter()
+    for m in metas:
+        cond = backend.encode_prompts([m["prompt"]]).repeat_interleave(g)
+        backend.decode(sample(backend, torch.randn(g, *backend.latent_shape), cond, cfg.sampler, null_cond=null))
+    plain = time.perf_counter() - t0
+    images = n_prompts * g
+    in_shards = sum(st.seconds for st in stats)  # without the one-off start-up (model load, fingerprint)
+    rows = [{"name": "rollouts, images/s", "ours": images / ours, "plain": images / plain,
+             "ours_label": "`gdro rollouts` whole command incl. start-up, rewards, cache, writing",
+             "plain_label": "prompt-by-prompt loop, images only"},
+            {"name": "rollouts per shard, images/s", "ours": images / in_shards, "plain": images / plain,
+             "ours_label": "`gdro rollouts` shards (sum of stats seconds)", "plain_label": "prompt-by-prompt loop, images only"}]
+    for phase in ("sampling", "rewards", "reference_cache", "writing"):
+        share = sum(st.timings.get(phase, 0.0) for st in stats) / ours
+        rows.append({"name": f"rollouts wall-time share: {phase}", "share": share})
+    rows.append({"name": "rollouts wall-time share: start-up and the rest", "share": 1 - in_shards / ours})
+    return rows
 
 
 def bench_reference(cfg: ExperimentConfig, groups: int, repeats: int) -> dict:
@@ -108,13 +150,17 @@ def bench_reading(dataset: Path, repeats: int) -> dict | None:
 
 
 def main(cfg: ExperimentConfig, *, out: Path = Path("bench/out"), repeats: int = 3) -> Path:
-    rows = [bench_sampling(cfg, n_prompts=16, repeats=repeats), bench_reference(cfg, groups=8, repeats=repeats)]
+    rows = [*bench_rollouts(cfg, n_prompts=64), bench_sampling(cfg, n_prompts=16, repeats=repeats),
+            bench_reference(cfg, groups=8, repeats=repeats)]
     reading = bench_reading(Path(cfg.rollouts.out), repeats)
     if reading:
         rows.append(reading)
     out.mkdir(parents=True, exist_ok=True)
     lines = ["| benchmark | ours | plain alternative | ratio |", "|---|---|---|---|"]
     for r in rows:
+        if "share" in r:
+            lines.append(f"| {r['name']} | {100 * r['share']:.1f} % | | |")
+            continue
         r["ratio"] = r["ours"] / r["plain"]
         lines.append(f"| {r['name']} | {r['ours']:.1f} ({r['ours_label']}) | {r['plain']:.1f} ({r['plain_label']}) "
                      f"| {r['ratio']:.2f}x |")

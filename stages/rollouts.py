@@ -129,6 +129,8 @@ def generate_shard(index: int, p: Plan, backend, rewards: list[Reward], task_id:
     seeds = [[member_seed(r.base_seed, pid, m) for m in range(g)] for pid in ids]
     flat = [(gi, m) for gi in range(len(ids)) for m in range(g)]
     latents = torch.empty(len(flat), *backend.latent_shape)
+    timings = {}
+    mark = time.time()
     for start in range(0, len(flat), r.batch_size):  # batches span prompts, never shards
         chunk = flat[start:start + r.batch_size]
         noise = torch.stack([noise_for(seeds[gi][m], backend.latent_shape) for gi, m in chunk])
@@ -136,12 +138,15 @@ def generate_shard(index: int, p: Plan, backend, rewards: list[Reward], task_id:
         latents[start:start + len(chunk)] = sample(backend, noise, c, sampler, null_cond=null).cpu()
         bar.update(len(chunk))
     images = backend.decode(latents)
+    timings["sampling"], mark = time.time() - mark, time.time()
     scores, errors = _score(rewards, images, [texts[gi] for gi, _ in flat], [metas[gi] for gi, _ in flat])
     finite = torch.isfinite(latents).flatten(1).all(1)
     for i in np.nonzero(~finite.numpy())[0]:
         errors[i].append("sampler: non-finite latents")
+    timings["rewards"], mark = time.time() - mark, time.time()
     if r.ref_cache_k:
         ref_t, ref_seeds, ref_err = _reference_errors(backend, latents, cond, ids, cfg)
+    timings["reference_cache"], mark = time.time() - mark, time.time()
     records, samples = [], []
     for gi, pid in enumerate(ids):
         key = layout.group_key(pid)
@@ -165,10 +170,11 @@ def generate_shard(index: int, p: Plan, backend, rewards: list[Reward], task_id:
         for m, data in enumerate(pngs):
             sample_[layout.image_member(m, r.image_format)] = data
         samples.append(sample_)
-    return _write_shard(index, p, records, samples, task_id, time.time() - t0)
+    return _write_shard(index, p, records, samples, task_id, t0, timings, mark)
 
 
-def _write_shard(index: int, p: Plan, records, samples, task_id: int, seconds: float) -> ShardStats:
+def _write_shard(index: int, p: Plan, records, samples, task_id: int, t0: float, timings: dict,
+                 mark: float) -> ShardStats:
     import io
 
     import pyarrow as pa
@@ -189,12 +195,14 @@ def _write_shard(index: int, p: Plan, records, samples, task_id: int, seconds: f
     layout.atomic_write(paths["tar"], tar_data)
     layout.atomic_write(paths["parquet"], parquet_data)
     failed = sum(st != "ok" for rec in records for st in rec.status)
+    timings["writing"] = time.time() - mark  # encoding the images and groups, tar, parquet
     stats = ShardStats(
         shard=layout.shard_name(index), groups=len(records), images=sum(rec.group_size for rec in records),
         failed_images=failed,
         reward_means={n: reward_mean([v for rec in records for v in rec.rewards[n]]) for n in names},
         tar_sha256=sha256_bytes(tar_data), tar_bytes=len(tar_data), parquet_sha256=sha256_bytes(parquet_data),
-        parquet_bytes=len(parquet_data), fingerprint=p.fingerprint, seconds=round(seconds, 3), task_id=task_id)
+        parquet_bytes=len(parquet_data), fingerprint=p.fingerprint, seconds=round(time.time() - t0, 3),
+        task_id=task_id, timings={k: round(v, 3) for k, v in timings.items()})
     layout.atomic_write(paths["stats"], (json.dumps(stats.__dict__, indent=1) + "\n").encode())  # last
     return stats
 
