@@ -8,7 +8,6 @@ batch but marked invalid, so it is counted, never silently dropped, and never tr
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +123,3 @@ def group_batches(root: Path, *, groups: int, weights: dict[str, float], seed: i
                                          persistent_workers=workers > 0)
     return manifest, loader
 
-
-def steps_per_epoch(manifest: dict, groups: int, world: int) -> float:
-    return manifest["totals"]["groups"] / max(1, groups * world) if manifest["totals"]["groups"] else math.inf
