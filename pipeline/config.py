@@ -141,6 +141,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     num_workers: int = 0  # DataLoader workers per rank
     shuffle_buffer: int = 64  # groups
+    verify_shards: bool = True  # sha256 of every shard against the manifest before training (off for huge sets)
     seed: int = 0
 
     def check(self, key: str) -> None:

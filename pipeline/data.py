@@ -82,6 +82,25 @@ def shard_urls(root: Path) -> tuple[dict, list[str]]:
     return manifest, urls
 
 
+def check_dataset(root: Path, weights: dict[str, float], *, verify: bool) -> dict:
+    """Refuse, before any training step, a dataset whose shards do not match their manifest checksums (when
+    `verify`), that lacks a reward the mix needs, or whose schema version is unknown."""
+    from schemas.manifest import checksum_problems
+
+    manifest, _ = shard_urls(root)
+    stored = [r["name"] for r in manifest["rewards"]]
+    missing = [n for n in weights if n not in stored]
+    if missing:
+        raise GdroError(f"train.reward_weights names {', '.join(missing)}, but {root} stores only "
+                        f"{', '.join(stored)} (rewards are chosen at rollout time: rollouts.rewards)")
+    if verify:
+        problems = checksum_problems(Path(root), manifest)
+        if problems:
+            raise GdroError(f"train.dataset {root} fails its checksums: {'; '.join(problems)}. Run `gdro verify "
+                            f"{root}`, regenerate the bad shards (rerun rollouts), or set train.verify_shards=false")
+    return manifest
+
+
 def _local_tar_samples(src):
     """webdataset's tarfile_to_samples, but the shards are opened here with a plain open(): under WDS_SECURE=1
     (which this project asks for) webdataset's gopen refuses every local path."""

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from pipeline.backends.base import Conditioning, load_transformer, transformer_velocity
 from pipeline.config import ExperimentConfig, save_resolved, to_dict
-from pipeline.data import group_batches
+from pipeline.data import check_dataset, group_batches
 from pipeline.distributed import init_distributed, print0
 from pipeline.errors import GdroError
 from pipeline.flow import flow_errors, sample_t
@@ -108,8 +108,12 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
     out = Path(t.out)
     ckdir = out / CHECKPOINTS
     latest = ckdir / "latest"
-    if resume is False and latest.exists():  # before anything is written: a refused run leaves the folder as it was
+    # every refusal comes before anything is written: a refused run leaves the folder as it was
+    if resume is False and latest.exists():
         raise GdroError(f"{out} already holds checkpoints; resume it (drop --no-resume) or choose a new train.out")
+    if resume is True and not latest.exists():
+        raise GdroError(f"--resume: {ckdir} holds no checkpoint to resume; drop --resume to start a new run")
+    check_dataset(Path(t.dataset), t.reward_weights, verify=t.verify_shards)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, out / "config.json")

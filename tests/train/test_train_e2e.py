@@ -306,3 +306,39 @@ def test_cache_from_another_model_is_refused(datasets, tmp_path):
     other = build_tiny_toy_model(tmp_path / "other_model", seed=1)
     with pytest.raises(GdroError, match="sha256"):
         run_train(make_cfg(other, datasets["cached"], tmp_path / "run"))
+
+
+@pytest.mark.slow
+def test_bad_datasets_and_resume_flags_are_refused_before_training(datasets, tiny_toy_model, tmp_path):
+    """A shard failing its checksum, a reward the dataset lacks, an unknown schema version, and --resume with
+    no checkpoint: each a clear GdroError before any step, and nothing written to train.out."""
+    import json
+    import shutil
+
+    from pipeline.data import check_dataset
+    from pipeline.errors import GdroError
+
+    src = datasets["cached"]
+    ds = tmp_path / "bad"
+    shutil.copytree(src, ds)
+    tar = ds / "shards" / "000000.tar"
+    data = bytearray(tar.read_bytes())
+    data[2000] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    with pytest.raises(GdroError, match="fails its checksums: shard 000000: shards/000000.tar sha256 differs"):
+        check_dataset(ds, {REWARD: 1.0}, verify=True)
+    check_dataset(ds, {REWARD: 1.0}, verify=False)  # the opt-out for datasets too large to hash
+    with pytest.raises(GdroError, match="names toy_nope, but .* stores only"):
+        check_dataset(src, {"toy_nope": 1.0}, verify=False)
+    out = tmp_path / "never"
+    with pytest.raises(GdroError, match="holds no checkpoint to resume"):
+        run_train(make_cfg(tiny_toy_model, src, out), resume=True)
+    assert not out.exists()
+    with pytest.raises(GdroError, match="fails its checksums"):
+        run_train(make_cfg(tiny_toy_model, ds, out))
+    assert not out.exists()
+    m = json.loads((ds / "manifest.json").read_text())
+    m["schema_version"] = 99
+    (ds / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(GdroError, match="schema_version is 99"):
+        check_dataset(ds, {REWARD: 1.0}, verify=False)
