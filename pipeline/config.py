@@ -127,7 +127,7 @@ class TrainConfig:
     t_max: float = 1.0
     steps: int = 300  # optimiser steps
     groups_per_step: int = 8  # groups per micro-batch per rank (x G images)
-    grad_accum: int = 1  # micro-batches per optimiser step
+    grad_accum: int = 1  # micro-batches per optimiser step (steps, save_every and metrics then count micro-batches)
     lr: float = 1e-5  # AdamW peak learning rate (full fine-tuning of the toy model degrades at 1e-4)
     weight_decay: float = 0.0
     warmup_steps: int = 10

@@ -116,7 +116,7 @@ def _local_tar_samples(src):
 
 
 def group_batches(root: Path, *, groups: int, weights: dict[str, float], seed: int, rank: int, world: int,
-                  workers: int, shuffle_buffer: int, start_step: int = 0):
+                  workers: int, shuffle_buffer: int):
     """An endless iterable of collated batches of `groups` groups for this rank."""
     import webdataset as wds
 
@@ -125,7 +125,7 @@ def group_batches(root: Path, *, groups: int, weights: dict[str, float], seed: i
     if len(urls) < slots:
         print(f"data: {len(urls)} shards for {world} ranks x {max(1, workers)} workers: every rank and worker "
               f"resamples shards with replacement, so none starves (groups repeat sooner)", flush=True)
-    run_seed = seed * 1_000_003 + start_step  # a resumed run draws new data, not the start again
+    run_seed = seed * 1_000_003  # the same stream on resume: the trainer skips the batches already used
 
     def worker_seed():
         info = torch.utils.data.get_worker_info()

@@ -119,12 +119,11 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
         save_resolved(cfg, out / "config.json")
     torch.manual_seed(t.seed)
 
-    # ---- data: the start step is known only after resume; peek at the checkpoint tag first
+    # ---- data (a resumed run skips the batches it already used, after the checkpoint is loaded)
     start_tag = latest.read_text().strip() if latest.exists() else None
-    start_step = int(start_tag.split("_")[1]) if start_tag else 0
     manifest, loader = group_batches(Path(t.dataset), groups=t.groups_per_step, weights=t.reward_weights,
                                      seed=t.seed, rank=rank, world=world, workers=t.num_workers,
-                                     shuffle_buffer=t.shuffle_buffer, start_step=start_step)
+                                     shuffle_buffer=t.shuffle_buffer)
     G = manifest["group_size"]
     shape = tuple(manifest["generator"]["latent_shape"])
     lora = t.lora_rank > 0
@@ -189,6 +188,8 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
         tb = SummaryWriter(str(out / "tensorboard"))
     stop = Preemption()
     it = iter(loader)
+    for _ in range(step):  # resume: skip the batches the run already used, so
+        next(it)  # it continues exactly as an uninterrupted run would (same data, same per-step seeds)
     bar = tqdm(total=t.steps, initial=step, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True)
     t_last = time.time()
     while step < t.steps:
