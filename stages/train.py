@@ -193,7 +193,9 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
     bar = tqdm(total=t.steps, initial=step, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True)
     t_last = time.time()
     while step < t.steps:
+        t_data = time.time()
         batch = next(it)
+        data_s = time.time() - t_data  # time waiting for the loader: the bench's data-loading share
         gen = torch.Generator().manual_seed(t.seed * 1_000_003 + step * 1009 + rank)
         n = batch["rewards"].shape[0]
         tt, eps, ref_cached = _draws(batch, ref_mode, t, gen, shape)
@@ -231,6 +233,7 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
             "reward_mean": float(rewards[valid].mean()) if valid.any() else float("nan"),
             "grad_norm": float(engine.get_global_grad_norm() or 0.0), "lr": float(sched.get_last_lr()[0]),
             "images_per_s": n * G * world / max(now - t_last, 1e-9), "t_mean": float(tt.mean()),
+            "step_s": now - t_last, "data_s": data_s,
         }
         t_last = now
         if rank == 0:
