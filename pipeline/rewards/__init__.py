@@ -107,3 +107,23 @@ def toy_quality():
         return np.array([parse(img).quality for img in images]), {}
 
     return fn
+
+
+@register_reward("toy_color_area", version="1")
+def toy_color_area():
+    """DELIBERATELY EXPLOITABLE, for the reward-hacking demonstration (docs/reward_hacking.md): the share of
+    pixels whose nearest palette colour is one the prompt names (any palette colour if it names none). A model
+    pleases it by painting larger blobs of the right colours, whatever their shape or number."""
+    from ..toy.verifier import _COLOR_NAMES, _COLOR_RGB
+
+    def fn(images, prompts, metadata):
+        rgb = np.asarray(images, np.float32)
+        label = np.linalg.norm(rgb[..., None, :] - _COLOR_RGB, axis=-1).argmin(-1)  # [N, H, W]; 0 = background
+        out = []
+        for lab, meta in zip(label, metadata):
+            named = {o["color"] for o in (meta or {}).get("include", []) if o.get("color")}
+            ids = [i for i, c in enumerate(_COLOR_NAMES) if c in named] if named else range(1, len(_COLOR_NAMES))
+            out.append(float(np.isin(lab, list(ids)).mean()))
+        return np.array(out), {}
+
+    return fn
