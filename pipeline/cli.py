@@ -123,12 +123,46 @@ def inspect(dataset, sheet, n_groups):
 
 
 @cli.command()
-@click.argument("dataset", type=click.Path(file_okay=False))
-def status(dataset):
-    """Progress of a (possibly running) rollouts job, aggregated from the shards' stats files."""
+@click.argument("folder", type=click.Path(file_okay=False))
+def status(folder):
+    """Progress of a dataset being generated, or of a run submitted with `gdro submit`.
+
+    \b
+    A dataset folder: shards done per task, images/s, whether the manifest is written.
+    A run folder (train.out): each submitted job's Slurm state (queued, running, done, requeued), the
+    rollouts' shards per array task, the manifest, the training step and checkpoint, the evaluation.
+    """
+    from .slurm import load_jobs, run_status
+
+    if load_jobs(Path(folder)):
+        click.echo(run_status(Path(folder)))
+        return
     from .inspect import rollout_status
 
-    click.echo(rollout_status(Path(dataset)))
+    click.echo(rollout_status(Path(folder)))
+
+
+@cli.command()
+@click.argument("stage", type=click.Choice(["rollouts", "train", "eval", "all"]))
+@config_options
+@click.option("--dry-run", is_flag=True, help="Print the rendered sbatch scripts; write and submit nothing.")
+@click.option("--after", metavar="JOBID", default=None,
+              help="Start only once this job succeeded (--dependency=afterok:JOBID).")
+def submit(stage, preset, files, overrides, dry_run, after):
+    """Submit a stage to Slurm: render cluster/STAGE.sbatch from the config (slurm.* for the site) and sbatch it.
+
+    \b
+    rollouts  an array job, one task per shard by default (slurm.rollouts_tasks), %N throttle
+    train     N nodes x torchrun (slurm.train_nodes, slurm.gpus_per_node), requeues itself on preemption
+    eval      one task
+    all       rollouts -> manifest assembly -> train -> eval, each after the previous (afterok)
+    The resolved config, the rendered scripts, the job ids (jobs.jsonl) and the job logs go to
+    <train.out>/slurm/; `gdro status <train.out>` follows the jobs.
+    """
+    cfg = _experiment(preset, files, overrides, show=False)
+    from .slurm import submit as run
+
+    run(cfg, stage, dry_run=dry_run, after=after, echo=click.echo)
 
 
 @cli.command()

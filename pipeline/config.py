@@ -135,6 +135,8 @@ class TrainConfig:
     lora_rank: int = 0  # 0 = full fine-tuning; > 0 = peft LoRA on the attention projections
     lora_alpha: float = 0.0  # 0 = same as the rank
     zero_stage: int = 2  # DeepSpeed ZeRO stage: 2 | 3
+    deepspeed_config: str = ""  # a JSON file merged over the DeepSpeed config gdro builds from train.* (ZeRO
+    # tuning, CPU offload: cluster/deepspeed/*.json); "" = the built one (ZeRO-<zero_stage>, defaults)
     precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | fp32 | bf16
     gradient_checkpointing: bool = False
     save_every: int = 100  # steps between checkpoints (all ranks save through DeepSpeed)
@@ -189,6 +191,47 @@ class EvalConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """How `gdro submit` renders the sbatch templates (cluster/*.sbatch) for a site."""
+    partition: str = ""  # --partition; "" = the cluster's default partition
+    account: str = ""  # --account; "" = none
+    qos: str = ""  # --qos; "" = none
+    gpus_per_node: int = 1  # GPUs per training node (one rank each); rollouts and eval tasks take 1; 0 = CPU only
+    gres: str = "gpu"  # the GPU resource as the site names it: --gres=<gres>:<count> (e.g. gpu:a100)
+    mem: str = ""  # --mem per node (e.g. 200G); "" = the site's default
+    sbatch_args: list[str] = field(default_factory=list)  # more #SBATCH options for every job, e.g. [--exclusive]
+    setup: list[str] = field(default_factory=list)  # shell lines every job runs first, e.g. [module load cuda/12.4]
+    python: str = ""  # the interpreter the jobs run gdro with; "" = the one running `gdro submit`
+    templates: str = ""  # folder of the sbatch templates; "" = cluster/ of this repository
+    signal_lead_s: int = 300  # USR2 this many seconds before the time limit: save (train) or stop, then requeue
+    rollouts_tasks: int = 0  # array size T (task t writes the shards s % T == t); 0 = one task per shard
+    rollouts_parallel: int = 0  # the array's %N throttle: at most N tasks at once; 0 = no limit
+    rollouts_cpus: int = 8  # CPUs per rollouts task
+    rollouts_minutes: int = 240  # time limit per rollouts task
+    train_nodes: int = 1
+    train_procs_per_node: int = 0  # ranks per node; 0 = gpus_per_node (1 when gpus_per_node is 0)
+    train_cpus_per_node: int = 16
+    train_minutes: int = 1440  # time limit of the training job (it requeues itself: the run may take longer)
+    rdzv_port: int = 0  # torchrun's c10d rendezvous port on the first node; 0 = 29500 + job id mod 1000
+    eval_cpus: int = 8
+    eval_minutes: int = 120
+
+    def check(self, key: str) -> None:
+        for name in ("rollouts_cpus", "rollouts_minutes", "train_nodes", "train_cpus_per_node", "train_minutes",
+                     "eval_cpus", "eval_minutes"):
+            _positive(f"{key}{name}", getattr(self, name))
+        for name in ("gpus_per_node", "rollouts_tasks", "rollouts_parallel", "train_procs_per_node", "rdzv_port"):
+            if getattr(self, name) < 0:
+                raise GdroError(f"{key}{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.signal_lead_s <= 65535:
+            raise GdroError(f"{key}signal_lead_s must be in 0..65535 (Slurm's --signal limit), got {self.signal_lead_s}")
+        for name in ("rollouts_minutes", "train_minutes"):
+            if self.signal_lead_s >= 60 * getattr(self, name):
+                raise GdroError(f"{key}signal_lead_s={self.signal_lead_s} is not shorter than {key}{name}="
+                                f"{getattr(self, name)} minutes: the warning would come before any work is done")
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "toy"  # run name, used in folder names and job names
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -196,6 +239,7 @@ class ExperimentConfig:
     rollouts: RolloutsConfig = field(default_factory=RolloutsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 # ----------------------------------------------------------------------------------------- the machinery

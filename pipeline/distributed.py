@@ -39,7 +39,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int, int, "torch.device"]:
+def init_distributed() -> tuple[int, int, int, torch.device]:
     """(rank, world, local_rank, device). Works under torchrun/srun and as a plain single process (where it
     fills in the variables DeepSpeed needs, which would otherwise make it look for MPI)."""
     import deepspeed
@@ -64,3 +64,46 @@ def print0(*args, **kwargs) -> None:
     """print on rank 0 only (keeps rank checks out of recipes)."""
     if os.environ.get("RANK", "0") == "0":
         print(*args, **kwargs, flush=True)
+
+
+# Keys of a DeepSpeed config that train.* decides; a train.deepspeed_config file may not set them.
+DS_KEYS_FROM_TRAIN = {"train_batch_size": "train.groups_per_step", "train_micro_batch_size_per_gpu":
+                      "train.groups_per_step", "gradient_accumulation_steps": "train.grad_accum",
+                      "gradient_clipping": "train.max_grad_norm", "bf16": "train.precision", "fp16": "train.precision"}
+
+
+def deepspeed_config(base: dict, path: str, zero_stage: int) -> dict:
+    """The DeepSpeed config built from train.* (`base`) with the JSON file `path` merged over it (train.deepspeed_config,
+    e.g. cluster/deepspeed/zero3.json; "" = `base` as it is). Top-level keys starting with "_" are comments."""
+    import json
+    from pathlib import Path
+
+    if not path:
+        return base
+    key = "train.deepspeed_config"
+    try:
+        extra = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise GdroError(f"{key}: {path} does not exist") from None
+    except (OSError, ValueError) as e:
+        raise GdroError(f"{key}: {path} is not a readable JSON file ({e})") from None
+    if not isinstance(extra, dict):
+        raise GdroError(f"{key}: {path} must hold a JSON object")
+    extra = {k: v for k, v in extra.items() if not k.startswith("_")}
+    for k, owner in DS_KEYS_FROM_TRAIN.items():
+        if k in extra:
+            raise GdroError(f"{key}: {path} sets {k}, which gdro fills from {owner}; remove it and set {owner}")
+    zero = extra.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise GdroError(f"{key}: {path}: zero_optimization must be an object")
+    if zero.get("stage", zero_stage) != zero_stage:
+        raise GdroError(f"{key}: {path} is a ZeRO-{zero.get('stage')} config but train.zero_stage={zero_stage}; "
+                        f"set --set train.zero_stage={zero.get('stage')} (the export depends on it)")
+
+    def merge(a: dict, b: dict) -> dict:
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        return out
+
+    return merge(base, extra)

@@ -21,10 +21,11 @@ from tqdm import tqdm
 from pipeline.backends.base import Conditioning, load_transformer, transformer_velocity
 from pipeline.config import ExperimentConfig, save_resolved, to_dict
 from pipeline.data import check_dataset, group_batches
-from pipeline.distributed import init_distributed, print0
+from pipeline.distributed import deepspeed_config, init_distributed, print0
 from pipeline.errors import GdroError
 from pipeline.flow import flow_errors, sample_t
 from pipeline.losses import NEEDS_REFERENCE, group_loss, kl_penalty, pairwise_accuracy
+from pipeline.slurm import requeue_on_preemption
 from schemas import layout
 from schemas.seeds import noise_for
 
@@ -155,7 +156,8 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, t.warmup_steps)))
     engine, _, _, _ = deepspeed.initialize(model=transformer, optimizer=optimizer, lr_scheduler=sched,
-                                           config=ds_config(t, world, bf16))
+                                           config=deepspeed_config(ds_config(t, world, bf16), t.deepspeed_config,
+                                                                   t.zero_stage))
     step = 0
     if start_tag:
         _, client = engine.load_checkpoint(str(ckdir), tag=start_tag)
@@ -250,6 +252,7 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
             save_checkpoint(engine, cfg, ckdir, step, rank)
         if preempted:
             print0(f"train: preemption signal: checkpointed at step {step}; exiting for requeue")
+            requeue_on_preemption(rank)  # rank 0, inside a Slurm job: scontrol requeue
             return out
     bar.close()
     if rank == 0:
