@@ -41,3 +41,21 @@ def sample_t(n: int, generator: torch.Generator, *, law: str, t_min: float, t_ma
     if shift != 1.0:
         u = shift * u / (1 + (shift - 1) * u)
     return t_min + (t_max - t_min) * u
+
+
+ERROR_PARAMS = ("v", "x0")
+
+
+def error_weight(t: torch.Tensor, param: str) -> torch.Tensor:
+    """Per-sample factor turning the velocity error into the error of another parameterisation at the same x_t.
+
+    "v": the rectified-flow training loss itself (weight 1). "x0": the data-prediction error of DGPO's Eq. 17,
+    ||x0_hat - x0||^2 with x0_hat = x_t - t v_hat, which equals t^2 ||v_hat - v||^2. The v error weights the
+    x0 error by 1/t^2, so near-data draws (t -> 0, where members differ only in fine texture) dominate the
+    implicit rewards; the x0 error lets the composition-deciding, noisy end of the path carry the preference.
+    """
+    if param == "v":
+        return torch.ones_like(t, dtype=torch.float32)
+    if param == "x0":
+        return t.float() ** 2
+    raise ValueError(f"unknown error parameterisation {param!r}; known: {', '.join(ERROR_PARAMS)}")
