@@ -7,7 +7,8 @@ TORCH_PIN ?= torch==2.13.0
 PRESET ?= toy
 ARGS ?=
 
-.PHONY: help setup lint test test-fast rollouts train eval bench toy-base toy-samples prompts clean
+.PHONY: help setup lint test test-fast rollouts train eval bench toy-base toy-samples prompts clean \
+	slurm-rollouts slurm-train slurm-eval slurm-all slurm-up slurm-down
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -38,6 +39,24 @@ train: setup ## stage two: DeepSpeed training from the shards
 
 eval: setup ## evaluate a trained run against the reference
 	$(BIN)/gdro eval --preset $(PRESET) $(ARGS)
+
+slurm-rollouts: setup ## submit stage one to Slurm as an array job (gdro submit rollouts; --dry-run via ARGS)
+	$(BIN)/gdro submit rollouts --preset $(PRESET) $(ARGS)
+
+slurm-train: setup ## submit stage two to Slurm: N nodes x torchrun, requeues itself on preemption
+	$(BIN)/gdro submit train --preset $(PRESET) $(ARGS)
+
+slurm-eval: setup ## submit the evaluation to Slurm
+	$(BIN)/gdro submit eval --preset $(PRESET) $(ARGS)
+
+slurm-all: setup ## submit rollouts -> manifest -> train -> eval to Slurm, chained with afterok
+	$(BIN)/gdro submit all --preset $(PRESET) $(ARGS)
+
+slurm-up: ## install (apt-get) and start a local single-node Slurm on this machine (root; no systemd needed)
+	cluster/local/slurm.sh install && cluster/local/slurm.sh start
+
+slurm-down: ## stop the local Slurm started by slurm-up (by its pid files)
+	cluster/local/slurm.sh stop
 
 bench: setup ## benchmarks, written as a table to bench/out/
 	$(BIN)/gdro bench $(ARGS)
