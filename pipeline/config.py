@@ -180,14 +180,41 @@ class EvalConfig:
     seeds: int = 1  # images per prompt line
     base_seed: int = 777  # eval noise seeds: sha256(base_seed, line, member): same noise for every model
     checkpoint: str = ""  # model folder to evaluate; "" = <train.out>/export
+    checkpoints: str = "all"  # with checkpoint "": all (every checkpoint left in <train.out>/checkpoints, plus
+    # <train.out>/best; <train.out>/export when there is none) | export (<train.out>/export only)
     out: str = ""  # report folder; "" = <train.out>/eval
     batch_size: int = 100  # images per sampling batch
+    target: str = "strict"  # the target score: strict | partial | quality | a reward named in eval.rewards
+    out_of_domain: list[str] = field(default_factory=lambda: ["quality"])  # scores training never optimised
+    rewards: list[str] = field(default_factory=list)  # more registered rewards scored on every image (by name)
+    corrected_lambda: float = 1.0  # corrected score: target points per unit of relative out-of-domain loss
+    corrected_horizon: float = 100.0  # corrected score: steps the out-of-domain trend is projected ahead
+    corrected_window: int = 3  # corrected score: evaluated points (the reference included) the trend is fitted on
+    bootstrap: int = 1000  # resamples of the prompt lines (stratified by kind, paired across models); 0 = no CIs
+    bootstrap_seed: int = 0
+    ci_level: float = 0.95  # confidence level of the bootstrap intervals
+    grid_per_kind: int = 2  # prompts of each kind in the comparison grids
 
     def check(self, key: str) -> None:
         _positive(f"{key}seeds", self.seeds)
         _positive(f"{key}batch_size", self.batch_size)
         if self.num_prompts < 0:
             raise GdroError(f"{key}num_prompts must be >= 0")
+        _choice(f"{key}checkpoints", self.checkpoints, ("all", "export"))
+        names = ("strict", "partial", "quality", *self.rewards)
+        for name, what in ((self.target, "target"), *((o, "out_of_domain") for o in self.out_of_domain)):
+            if name not in names:
+                raise GdroError(f"{key}{what}: {name!r} is not scored; use strict, partial, quality or a reward "
+                                f"listed in {key}rewards")
+        if not self.out_of_domain or self.target in self.out_of_domain:
+            raise GdroError(f"{key}out_of_domain must name at least one score other than the target "
+                            f"{self.target!r}")
+        for name in ("corrected_window", "grid_per_kind"):
+            _positive(f"{key}{name}", getattr(self, name))
+        if self.corrected_lambda < 0 or self.corrected_horizon < 0 or self.bootstrap < 0:
+            raise GdroError(f"{key}corrected_lambda, {key}corrected_horizon and {key}bootstrap must be >= 0")
+        if not 0.0 < self.ci_level < 1.0:
+            raise GdroError(f"{key}ci_level must be in (0, 1), got {self.ci_level}")
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""Sampling a prompt set with fixed noise, shared by pre-training checks, `gdro eval` and sample grids: the
-noise of (line i, member m) is `noise_for(member_seed(base_seed, i, m))`, so every model sees the same noise."""
+"""Sampling a prompt set with fixed noise and scoring it, shared by pre-training checks, `gdro eval`, selection
+during training and sample grids: the noise of (line i, member m) is `noise_for(member_seed(base_seed, i, m))`,
+so every model sees the same noise."""
 from __future__ import annotations
 
 import numpy as np
@@ -25,3 +26,25 @@ def sample_prompt_set(backend, metas: list[dict], sampler: SamplerConfig, *, bas
         if progress is not None:
             progress.update(len(chunk))
     return np.concatenate(out)
+
+
+def score_set(images: np.ndarray, metas: list[dict], rewards: list[str] = ()) -> dict[str, np.ndarray]:
+    """Per-image scores of toy images: the verifier's strict, partial and (out-of-domain) quality, plus every
+    named reward of the registry (`pipeline.rewards`), one array each."""
+    from .rewards import make_reward
+    from .toy.scoring import score_images
+
+    scores = score_images(images, metas)
+    for name in rewards:
+        if name not in scores:
+            values, _ = make_reward(name).fn(images, [m["prompt"] for m in metas], metas)
+            scores[name] = np.asarray(values, np.float64)
+    return scores
+
+
+def evaluate_backend(backend, metas: list[dict], sampler: SamplerConfig, *, base_seed: int, seeds: int,
+                     batch: int, rewards: list[str] = (), progress=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Sample every prompt line `seeds` times with the fixed noise and score every image: (images, scores)."""
+    images = sample_prompt_set(backend, metas, sampler, base_seed=base_seed, seeds=seeds, batch=batch,
+                               progress=progress)
+    return images, score_set(images, [m for m in metas for _ in range(seeds)], rewards)

@@ -1,63 +1,140 @@
-"""Recipe: evaluate a trained model against the reference on held-out prompts, with the same noise.
+"""Recipe: evaluate a run against its reference on held-out prompts, with the same noise for every model.
 
-Both models sample every prompt line with the same seeds; the toy world scores them with the verifier
-(strict accuracy per kind, GenEval's table) and the out-of-domain quality score. Results are printed and
-written to <eval.out>/results.json.
+models (the reference, every checkpoint left in the run, the best model kept during training; or one folder,
+eval.checkpoint) -> sample every prompt line with the same seeds and score every image (the target, the
+out-of-domain scores, all the verifier's scores) -> summary (bootstrap intervals over prompts, win rates,
+corrected score, hacking trend; pipeline/report.py) -> a grid per checkpoint and curves over steps ->
+<eval.out>/{results.json, report.md, report.html, curves.png, grid_*.png}. Deterministic: the same models and
+config give the same numbers (fixed noise, fixed bootstrap seed, no timestamps in results.json).
 """
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.backends.base import load_backend
+from pipeline.checkpoints import ModelRef, load_model, run_models
 from pipeline.config import ExperimentConfig, save_resolved
 from pipeline.errors import GdroError
-from pipeline.evaluation import sample_prompt_set
+from pipeline.evaluation import evaluate_backend
 from pipeline.prompts import load_prompts
-from pipeline.toy.scoring import format_table, kind_table, score_images
+from pipeline.report import dump_json, plot_curves, plot_selection, report_blocks, summarise, write_report
+from pipeline.toy.grid import draw_comparison, pick_prompts
+from pipeline.toy.scoring import format_table
+
+SHORT = {"strict": "s", "partial": "p", "quality": "q"}
 
 
-def evaluate_model(path: str, cfg: ExperimentConfig, metas: list[dict], label: str) -> dict:
+def models_to_evaluate(cfg: ExperimentConfig) -> list[ModelRef]:
+    """The reference first, then the trained models by step."""
     e = cfg.eval
-    backend = load_backend(cfg.model.backend, path, dtype=getattr(torch, cfg.model.dtype))
-    sampler = cfg.sampler
-    with tqdm(total=len(metas) * e.seeds, desc=f"eval {label}", unit="img", dynamic_ncols=True) as bar:
-        images = sample_prompt_set(backend, metas, sampler, base_seed=e.base_seed, seeds=e.seeds,
-                                   batch=e.batch_size, progress=bar)
-    rep = [m for m in metas for _ in range(e.seeds)]
-    scores = score_images(images, rep)
-    return {"images": images, "scores": scores, "table": kind_table(scores, [m["tag"] for m in rep])}
+    if e.checkpoint:
+        if not Path(e.checkpoint).is_dir():
+            raise GdroError(f"eval.checkpoint: {e.checkpoint} does not exist; set it to a model folder, or to '' "
+                            f"to evaluate the checkpoints of train.out")
+        trained = [ModelRef("/".join(Path(e.checkpoint).parts[-2:]), None, Path(e.checkpoint), "folder")]
+    else:
+        trained = run_models(Path(cfg.train.out), e.checkpoints)
+    return [ModelRef("reference", 0, Path(cfg.model.path), "folder"), *trained]
+
+
+def draw_grids(models: list[dict], metas: list[dict], cfg: ExperimentConfig, out: Path) -> tuple[list, str]:
+    """A grid per trained model (reference row against its row) and one with every model, same noise per
+    column (the first seed of each line)."""
+    e = cfg.eval
+    picked = pick_prompts(metas, e.grid_per_kind)
+    lines = [metas.index(m) for m in picked]
+    shown = (["partial"] if e.target == "strict" else [e.target]) + e.out_of_domain[:1]
+    legend = ", ".join(f"{SHORT.get(n, n[:4] + ' ')}= {n}" for n in shown)
+
+    def row(mdl):
+        imgs = np.stack([mdl["images"][i * e.seeds] for i in lines])
+        text = [" ".join(f"{SHORT.get(n, n[:4] + ' ')}{mdl['scores'][n][i * e.seeds]:.2f}" for n in shown)
+                for i in lines]
+        return imgs, text
+
+    sampler = f"{cfg.sampler.steps} steps, guidance {cfg.sampler.guidance:g}"
+    grids = []
+    rows = [row(m) for m in models]
+    for k in range(1, len(models)):
+        slug = re.sub(r"[^A-Za-z0-9]+", "_", models[k]["label"]).strip("_")
+        path = draw_comparison(np.stack([rows[0][0], rows[k][0]]), ["reference", models[k]["label"]], picked,
+                               [rows[0][1], rows[k][1]], out / f"grid_{slug}.png",
+                               f"{models[k]['label']} vs. reference, same noise per column ({sampler}); green "
+                               f"frame = strict pass; {legend}")
+        grids.append((models[k]["label"], path.name))
+    if len(models) > 2:
+        path = draw_comparison(np.stack([r[0] for r in rows]), [m["label"] for m in models], picked,
+                               [r[1] for r in rows], out / "grid_all.png",
+                               f"every model, same noise per column ({sampler}); green frame = strict pass; {legend}")
+        grids.insert(0, ("all models", path.name))
+    return grids, legend
 
 
 def main(cfg: ExperimentConfig) -> dict:
     e = cfg.eval
     if cfg.model.backend != "toy":
         raise GdroError("gdro eval scores the toy world's verifier; evaluation of real backends arrives with issue 6")
-    checkpoint = e.checkpoint or str(Path(cfg.train.out) / "export")
-    if not Path(checkpoint).is_dir():
-        raise GdroError(f"eval.checkpoint: {checkpoint} does not exist; run `gdro train` first or set "
-                        f"eval.checkpoint to a model folder")
-    out = Path(e.out or Path(cfg.train.out) / "eval")
+    refs = models_to_evaluate(cfg)
+    run = Path(cfg.train.out)
+    out = Path(e.out or run / "eval")
     out.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, out / "config.json")
     metas = load_prompts(e.prompts)
     metas = metas[: e.num_prompts] if e.num_prompts else metas
-    ref = evaluate_model(cfg.model.path, cfg, metas, "reference")
-    pol = evaluate_model(checkpoint, cfg, metas, "trained")
-    wins = float(np.mean(pol["scores"]["partial"] > ref["scores"]["partial"]))
-    ties = float(np.mean(pol["scores"]["partial"] == ref["scores"]["partial"]))
-    for label, res in (("reference " + cfg.model.path, ref), ("trained " + checkpoint, pol)):
-        print(f"\n{label}\n{format_table(res['table'])}")
-    d = pol["table"]["strict"]["overall"] - ref["table"]["strict"]["overall"]
-    print(f"\nstrict accuracy {ref['table']['strict']['overall']:.3f} -> {pol['table']['strict']['overall']:.3f} "
-          f"({d:+.3f}); quality (out-of-domain) {ref['table']['quality']['overall']:.3f} -> "
-          f"{pol['table']['quality']['overall']:.3f}; partial-credit win rate {wins:.2f} (ties {ties:.2f})")
-    result = {"reference": {"path": cfg.model.path, "table": ref["table"]},
-              "trained": {"path": checkpoint, "table": pol["table"]},
-              "win_rate": wins, "tie_rate": ties, "strict_gain": d, "prompts": e.prompts, "images": len(metas) * e.seeds}
-    (out / "results.json").write_text(json.dumps(result, indent=1))
+
+    # ---- sample and score every model on the same noise
+    models = []
+    for ref in refs:
+        backend = load_model(ref, cfg.model.backend, cfg.model.path, getattr(torch, cfg.model.dtype))
+        with tqdm(total=len(metas) * e.seeds, desc=f"eval {ref.label}", unit="img", dynamic_ncols=True) as bar:
+            images, scores = evaluate_backend(backend, metas, cfg.sampler, base_seed=e.base_seed, seeds=e.seeds,
+                                              batch=e.batch_size, rewards=e.rewards, progress=bar)
+        models.append({"label": ref.label, "step": ref.step, "path": str(ref.path), "images": images,
+                       "scores": scores})
+        del backend
+
+    # ---- numbers, pictures, page
+    summary = summarise(models, [m["tag"] for m in metas], e.seeds, e)
+    grids, legend = draw_grids(models, metas, cfg, out)
+    title = f"{run if not e.checkpoint else e.checkpoint}: {len(metas)} lines of {e.prompts}"
+    curves = plot_curves(summary, out / "curves.png", title)
+    selection = run / "selection.jsonl"
+    records = [json.loads(x) for x in selection.read_text().splitlines() if x.strip()] \
+        if selection.is_file() and not e.checkpoint else []
+    sel_png = plot_selection(records, out / "selection.png", e.target, e.out_of_domain)
+    meta = {"run": str(run) if not e.checkpoint else e.checkpoint, "prompts": e.prompts, "base_seed": e.base_seed,
+            "sampler": f"{cfg.sampler.scheduler}, {cfg.sampler.steps} steps, shift {cfg.sampler.shift:g}, "
+                       f"guidance {cfg.sampler.guidance:g}"}
+    figures = {"curves": curves.name if curves else None, "selection": sel_png.name if sel_png else None,
+               "grids": grids, "legend": legend}
+    md, page = write_report(report_blocks(summary, meta, figures), out)
+    result = {**meta, "images_per_model": len(metas) * e.seeds, **summary,
+              "figures": {"curves": figures["curves"], "selection": figures["selection"],
+                          "grids": [g[1] for g in grids]}}
+    dump_json(result, out / "results.json")
+
+    # ---- the console
+    for m in summary["models"]:
+        print(f"\n{m['label']} ({m['path']})\n{format_table(m['table'])}")
+    T = e.target
+    ref_s, last = summary["models"][0], summary["models"][-1]
+    print(f"\n{'model':<22}{T:>10}{'gain':>9}{'corrected':>11}  " + "  ".join(e.out_of_domain))
+    for m in summary["models"][1:]:
+        print(f"{m['label']:<22}{m['overall'][T]['value']:>10.3f}{m['gain']['value']:>+9.3f}"
+              f"{m['corrected']['value']:>+11.3f}  " + "  ".join(f"{m['overall'][o]['value']:.3f}"
+                                                          for o in e.out_of_domain))
+    if summary["trend"]:
+        print(f"trend: {summary['trend']['verdict']}")
+    print(f"best by corrected score: {summary['best']}")
+    s0, s1 = ref_s["overall"]["strict"]["value"], last["overall"]["strict"]["value"]
+    w = last["win_rate"]["partial"]
+    print(f"strict accuracy {s0:.3f} -> {s1:.3f} ({s1 - s0:+.3f}); quality (out-of-domain) "
+          f"{ref_s['overall']['quality']['value']:.3f} -> {last['overall']['quality']['value']:.3f}; partial-credit "
+          f"win rate {w['value']:.2f} (ties {w['ties']:.2f}) [{last['label']}]")
+    print(f"report: {md} and {page}")
     return result

@@ -75,3 +75,41 @@ def sample_grid(model: str, path: Path, prompts: str, *, per_kind: int = 4, seed
     title = (f"{model}: {steps} Euler steps, guidance {guidance}\n"
              f"green frame = strict pass (GenEval rules), number = partial credit")
     return draw_grid(images, metas, path, title)
+
+
+def draw_comparison(images: np.ndarray, row_labels: list[str], metas: list[dict], cell_text: list[list[str]],
+                    path: Path, title: str) -> Path:
+    """Models down the side (the reference first), prompts across with the same noise in each column:
+    images uint8 [rows, cols, H, W, 3]; a green or red frame for the strict verdict, `cell_text` above each
+    image, the prompt under each column."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = images.shape[:2]
+    fig, axes = plt.subplots(rows, cols, figsize=(1.05 * cols + 1.6, 1.2 * rows + 0.9), squeeze=False)
+    for r in range(rows):
+        for c in range(cols):
+            ax = axes[r, c]
+            verdict, _ = verify(images[r, c], metas[c])
+            ax.imshow(images[r, c], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_color("#1a9850" if verdict.strict else "#d73027")
+                spine.set_linewidth(2.5)
+            ax.set_title(cell_text[r][c], fontsize=6, pad=2)
+            if c == 0:
+                ax.set_ylabel(row_labels[r], rotation=0, ha="right", va="center", fontsize=8)
+            if r == rows - 1:
+                text = metas[c]["prompt"].removeprefix("a photo of ")
+                ax.set_xlabel("\n".join(textwrap.wrap(text, 16)), fontsize=6, labelpad=2)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,108 @@
+"""The corrected score, the trend and the bootstrap on hand-made numbers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.eval_stats import (
+    CorrectedConfig,
+    bootstrap_indices,
+    corrected_scores,
+    kind_weights,
+    line_means,
+    ols_slope,
+    overall,
+    percentile_ci,
+    resampled_overall,
+    trailing_slopes,
+    win_scores,
+)
+
+
+def test_overall_is_the_mean_over_kinds():
+    kinds = ["a", "a", "a", "b"]
+    assert overall([1, 1, 1, 0], kinds) == pytest.approx(0.5)  # kind a: 1, kind b: 0; not 3/4
+    assert kind_weights(kinds).tolist() == pytest.approx([1 / 6, 1 / 6, 1 / 6, 1 / 2])
+    assert line_means([1, 0, 0.5, 0.5, 1, 1], seeds=2).tolist() == [0.5, 0.5, 1.0]
+
+
+def test_bootstrap_is_stratified_paired_and_deterministic():
+    kinds = np.array(["a"] * 3 + ["b"] * 2)
+    idx = bootstrap_indices(kinds, 500, seed=3)
+    assert idx.shape == (500, 5)
+    assert (kinds[idx] == kinds).all()  # every position keeps its kind
+    assert np.array_equal(idx, bootstrap_indices(kinds, 500, seed=3))
+    assert not np.array_equal(idx, bootstrap_indices(kinds, 500, seed=4))
+    # constant within each kind: every resample gives the same overall, a zero-width interval
+    s = resampled_overall([0.2, 0.2, 0.2, 0.6, 0.6], kinds, idx)
+    assert percentile_ci(s) == pytest.approx((0.4, 0.4))
+    # paired: a model that is the reference + 0.1 on every line has a difference of exactly 0.1 in every resample
+    ref = np.array([0.0, 1.0, 0.5, 0.25, 0.75])
+    d = resampled_overall(ref + 0.1, kinds, idx) - resampled_overall(ref, kinds, idx)
+    assert np.allclose(d, 0.1)
+
+
+def test_bootstrap_interval_of_a_known_mean():
+    """0/1 values, 200 lines, one kind, mean 0.3: the 95 % interval is about 0.3 +- 1.96 sqrt(0.21 / 200)."""
+    values = np.array([1.0] * 60 + [0.0] * 140)
+    kinds = ["k"] * 200
+    s = resampled_overall(values, kinds, bootstrap_indices(kinds, 4000, seed=0))
+    lo, hi = percentile_ci(s, 0.95)
+    half = 1.96 * np.sqrt(0.3 * 0.7 / 200)
+    assert lo == pytest.approx(0.3 - half, abs=0.012) and hi == pytest.approx(0.3 + half, abs=0.012)
+    assert s.mean() == pytest.approx(0.3, abs=0.005)
+
+
+def test_win_scores():
+    assert win_scores([0.5, 0.2, 1.0], [0.4, 0.2, 1.5]).tolist() == [1.0, 0.5, 0.0]
+
+
+def test_slopes():
+    assert ols_slope([0, 100, 200], [1.0, 0.9, 0.8]) == pytest.approx(-0.001)
+    assert ols_slope([5], [1.0]) == 0.0
+    s = trailing_slopes([0, 100, 200, 300], [1.0, 1.0, 0.8, 0.4], window=2)
+    assert s.tolist() == pytest.approx([0.0, 0.0, -0.002, -0.004])
+    with pytest.raises(ValueError, match="increase"):
+        trailing_slopes([0, 100, 100], [1, 1, 1], 2)
+
+
+def test_corrected_score_by_hand():
+    """Reference: target 0.20, quality 0.50. Checkpoints at 100, 200, 300: target 0.30, 0.40, 0.50 (rising),
+    quality 0.50, 0.45, 0.25 (falling late). lam 1, horizon 100, window 2.
+      relative quality: 1.0, 0.9, 0.5 -> loss 0, 0.1, 0.5
+      trailing slopes of (0, 1), (100, 1), (200, 0.9), (300, 0.5), two points: 0, -0.001, -0.004 per step
+      projected: 0, 0.1, 0.4
+      corrected = gain - (loss + projected) = 0.1 - 0 = 0.10, 0.2 - 0.2 = 0.00, 0.3 - 0.9 = -0.60"""
+    r = corrected_scores([100, 200, 300], [0.3, 0.4, 0.5], 0.2, [[0.5, 0.45, 0.25]], [0.5],
+                         CorrectedConfig(lam=1.0, horizon=100, window=2))
+    assert r["gain"] == pytest.approx([0.1, 0.2, 0.3])
+    assert r["loss"] == pytest.approx([0.0, 0.1, 0.5])
+    assert r["slope"] == pytest.approx([0.0, -0.001, -0.004])
+    assert r["projected"] == pytest.approx([0.0, 0.1, 0.4])
+    assert r["corrected"] == pytest.approx([0.1, 0.0, -0.6])
+    # the target keeps rising while the corrected score turns down
+    assert np.all(np.diff(r["gain"]) > 0) and r["corrected"].argmax() == 0
+
+
+def test_corrected_score_details():
+    # out-of-domain gains are not rewarded, an upward trend is not extrapolated
+    r = corrected_scores([50], [0.25], 0.2, [[0.6]], [0.5], CorrectedConfig(lam=2.0, horizon=100, window=3))
+    assert r["loss"] == pytest.approx([0.0]) and r["projected"] == pytest.approx([0.0])
+    assert r["corrected"] == pytest.approx([0.05])
+    # two out-of-domain scores: losses averaged; lam scales; no steps: no trend
+    r = corrected_scores(None, [0.2], 0.2, [[0.4], [1.0]], [0.5, 1.0], CorrectedConfig(lam=2.0))
+    assert r["loss"] == pytest.approx([0.1]) and r["corrected"] == pytest.approx([-0.2])
+    # a reference at 0 measures the out-of-domain change in absolute units
+    r = corrected_scores(None, [0.2], 0.2, [[-0.3]], [0.0])
+    assert r["loss"] == pytest.approx([0.3])
+
+
+def test_corrected_score_broadcasts_over_resamples():
+    steps = [100, 200]
+    t = np.array([[0.3, 0.4], [0.2, 0.5]])  # two resamples
+    o = np.array([[[0.5, 0.4], [0.5, 0.5]]])  # [J=1, B=2, M=2]
+    cfg = CorrectedConfig(window=3)
+    both = corrected_scores(steps, t, np.array([0.2, 0.1]), o, np.array([[0.5, 0.5]]), cfg)["corrected"]
+    for b in range(2):
+        one = corrected_scores(steps, t[b], 0.2 if b == 0 else 0.1, o[:, b], [0.5], cfg)["corrected"]
+        assert both[b] == pytest.approx(one)
