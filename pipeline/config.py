@@ -28,9 +28,13 @@ class ModelConfig:
     backend: str = "toy"  # toy | sd3 | flux (registered in pipeline.backends)
     path: str = "models/toy-base"  # local folder; nothing is ever downloaded
     dtype: str = "float32"  # float32 | bfloat16 | float16 (weights and activations)
+    resolution: int = 0  # image side in pixels (square); 0 = the model's default (toy: 32, SD3.5/FLUX: 1024)
+    max_sequence_length: int = 0  # T5 tokens per prompt; 0 = the backend's default (sd3: 256, flux: 512)
 
     def check(self, key: str) -> None:
         _choice(f"{key}dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        if self.resolution < 0 or self.max_sequence_length < 0:
+            raise GdroError(f"{key}resolution and {key}max_sequence_length must be >= 0 (0 = the model's default)")
 
 
 @dataclass

@@ -53,12 +53,14 @@ def code_version() -> str:
 def identity(cfg: ExperimentConfig, prompts: list[dict]) -> dict:
     """Everything that determines the bytes of the shards; its hash is the dataset's fingerprint."""
     r, m = cfg.rollouts, cfg.model
-    from .backends.base import latent_shape_of
+    from .backends.base import latent_shape_of, spec_of
 
     return {
         "schema_version": SCHEMA_VERSION,
         "generator": {"backend": m.backend, "model_path": m.path, "weights_sha256": weights_sha256(m.path),
-                      "dtype": m.dtype, "latent_shape": list(latent_shape_of(m.backend, m.path))},
+                      "dtype": m.dtype, "latent_shape": list(latent_shape_of(m.backend, m.path, m.resolution)),
+                      "resolution": m.resolution, "max_sequence_length": m.max_sequence_length,  # 0: defaults
+                      "guidance_mode": spec_of(m.backend).guidance_mode},  # cfg: sampler.guidance is CFG's scale
         "sampler": to_dict(cfg.sampler),
         "prompts": {"source": r.prompts, "count": len(prompts),
                     "sha256": sha256_bytes(b"".join(json_bytes(p) + b"\n" for p in prompts))},

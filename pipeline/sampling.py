@@ -22,11 +22,24 @@ def make_scheduler(cfg: SamplerConfig):
     return cls(num_train_timesteps=1000, shift=cfg.shift)
 
 
+def uses_cfg(backend: ModelBackend, cfg: SamplerConfig) -> bool:
+    """True if sampling guides by classifier-free guidance (so the empty prompt's embedding is needed); False for
+    no guidance and for guidance-distilled models (FLUX.1-dev), which take the guidance as an input instead."""
+    return cfg.guidance != 1.0 and getattr(backend, "guidance_mode", "cfg") == "cfg"
+
+
 @torch.no_grad()
 def sample(backend: ModelBackend, noise: torch.Tensor, cond: Conditioning, cfg: SamplerConfig,
            null_cond: Conditioning | None = None) -> torch.Tensor:
-    """Integrate the probability-flow ODE from `noise` (t = 1) to t = 0; returns latents in float32."""
-    if cfg.guidance != 1.0 and null_cond is None:
+    """Integrate the probability-flow ODE from `noise` (t = 1) to t = 0; returns latents in float32.
+
+    CFG models: v = v_u + guidance (v_c - v_u) with `null_cond` the empty prompt's embedding. Guidance-embedded
+    models: the backend was loaded with the guidance (`load_backend(..., guidance=)`) and one pass suffices."""
+    if getattr(backend, "guidance_mode", "cfg") == "embedded" and backend.guidance != cfg.guidance:
+        raise GdroError(f"sampler.guidance={cfg.guidance}, but the {backend.name} backend was loaded with guidance "
+                        f"{backend.guidance}; load it with the sampler's guidance")
+    guided = uses_cfg(backend, cfg)
+    if guided and null_cond is None:
         raise GdroError("sampler.guidance != 1 needs the unconditional embedding (null_cond)")
     sched = make_scheduler(cfg)
     sched.set_timesteps(cfg.steps)
@@ -37,7 +50,7 @@ def sample(backend: ModelBackend, noise: torch.Tensor, cond: Conditioning, cfg: 
     dtype = backend.dtype
     for t in sched.timesteps:
         tt = (t / 1000.0).reshape(1)
-        if cfg.guidance != 1.0:
+        if guided:
             both = Conditioning.cat([null_cond.to(dtype), cond.to(dtype)])
             v_u, v_c = backend.velocity(torch.cat([x, x]).to(dtype), tt, both).float().chunk(2)
             v = v_u + cfg.guidance * (v_c - v_u)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.backends.base import Conditioning, load_backend
+from pipeline.backends.base import Conditioning, backend_from_config
 from pipeline.config import ExperimentConfig
 from pipeline.datasets import prepare_folder, shard_is_complete
 from pipeline.distributed import task_from_env
@@ -24,7 +24,7 @@ from pipeline.errors import GdroError
 from pipeline.flow import flow_errors, sample_t
 from pipeline.prompts import load_prompts
 from pipeline.rewards import Reward, make_reward
-from pipeline.sampling import sample
+from pipeline.sampling import sample, uses_cfg
 from schemas import layout
 from schemas.codec import image_bytes, json_bytes, npy_bytes
 from schemas.manifest import assemble_manifest
@@ -110,8 +110,8 @@ def _reference_errors(backend, latents: torch.Tensor, cond: Conditioning, metas_
                                  for gi in grp])
                 t = torch.cat([torch.full((g,), float(ts[gi, k])) for gi in grp])
                 c = Conditioning.cat([cond[gi:gi + 1].repeat_interleave(g) for gi in grp])
-                e = flow_errors(backend.velocity, x0.to(backend.dtype), eps.to(backend.dtype), t,
-                                c.to(backend.dtype))
+                dev, dt = backend.device, backend.dtype
+                e = flow_errors(backend.velocity, x0.to(dev, dt), eps.to(dev, dt), t, c.to(dev, dt))
                 errs[list(grp), k] = e.double().reshape(len(grp), g).cpu().numpy()
     return ts, seeds, errs
 
@@ -125,7 +125,7 @@ def generate_shard(index: int, p: Plan, backend, rewards: list[Reward], task_id:
     texts = [m["prompt"] for m in metas]
     cond = backend.encode_prompts(texts)
     sampler = cfg.sampler
-    null = backend.encode_prompts([""]) if sampler.guidance != 1.0 else None
+    null = backend.encode_prompts([""]) if uses_cfg(backend, sampler) else None  # CFG: the empty prompt
     seeds = [[member_seed(r.base_seed, pid, m) for m in range(g)] for pid in ids]
     flat = [(gi, m) for gi in range(len(ids)) for m in range(g)]
     latents = torch.empty(len(flat), *backend.latent_shape)
@@ -223,8 +223,7 @@ def main(cfg: ExperimentConfig, *, task_id: int | None = None, num_tasks: int | 
           f"{len(pending)} to generate into {p.root}", flush=True)
     if pending:
         torch.manual_seed(0)
-        m = cfg.model
-        backend = load_backend(m.backend, m.path, dtype=getattr(torch, m.dtype))
+        backend = backend_from_config(cfg)
         rewards = [make_reward(name, params) for name, params in cfg.rollouts.rewards.items()]
         per_shard = [len(layout.shard_prompt_ids(s, len(p.prompts), cfg.rollouts.prompts_per_shard)) for s in pending]
         bar = tqdm(total=sum(per_shard) * cfg.rollouts.group_size, desc=f"rollouts task {task_id}", unit="img",

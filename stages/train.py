@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.backends.base import Conditioning, load_transformer, transformer_velocity
+from pipeline.backends.base import Conditioning, dataset_velocity, load_transformer, spec_of
 from pipeline.config import ExperimentConfig, save_resolved, to_dict
 from pipeline.data import check_dataset, group_batches
 from pipeline.distributed import deepspeed_config, init_distributed, print0
@@ -138,6 +138,7 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
     if ref_mode == "cache" and gen_sha and here.is_file() and sha256_file(here) != gen_sha:
         raise GdroError(f"model.path {cfg.model.path} is not the model that generated {t.dataset} (weights sha256 "
                         f"differ), so the cached reference errors do not apply; train from the generator's weights")
+    velocity = dataset_velocity(cfg.model.backend, manifest)  # the backend's own, as in stage one
 
     # ---- model, reference, engine
     bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
@@ -168,16 +169,16 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
            f"loss {t.loss}, reference {ref_mode}, ZeRO-{t.zero_stage}, {dtype}, {world} rank(s), G={G}")
 
     def policy_v(x, tt, c):
-        return transformer_velocity(engine, x, tt, c)
+        return velocity(engine, x, tt, c)
 
     def reference_v(x, tt, c):
         if ref_mode == "lora":
             engine.module.disable_adapters()
             try:
-                return transformer_velocity(engine.module, x, tt, c)
+                return velocity(engine.module, x, tt, c)
             finally:
                 engine.module.enable_adapters()
-        return transformer_velocity(reference, x, tt, c)
+        return velocity(reference, x, tt, c)
 
     # ---- loop
     if rank == 0:
@@ -271,12 +272,13 @@ def save_checkpoint(engine, cfg: ExperimentConfig, ckdir: Path, step: int, rank:
 
 def _merged_copy(model, cfg: ExperimentConfig, lora_dir: Path):
     """Save the adapter in diffusers' LoRA format, then return a plain transformer with the LoRA merged in."""
-    from diffusers import StableDiffusion3Pipeline
+    import diffusers
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import get_peft_model_state_dict
 
-    StableDiffusion3Pipeline.save_lora_weights(str(lora_dir), transformer_lora_layers=get_peft_model_state_dict(model),
-                                               safe_serialization=True)
+    pipeline_cls = getattr(diffusers, spec_of(cfg.model.backend).lora_pipeline)  # the backend's LoRA format
+    pipeline_cls.save_lora_weights(str(lora_dir), transformer_lora_layers=get_peft_model_state_dict(model),
+                                   safe_serialization=True)
     for mod in model.modules():
         if isinstance(mod, BaseTunerLayer):
             mod.merge()

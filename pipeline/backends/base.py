@@ -1,21 +1,44 @@
 """The model-backend interface shared by the toy model, SD3/SD3.5 and FLUX, and the registry of backends.
 
 A backend is anything with these methods (a Protocol, not a base class). Stage one uses `encode_prompts`,
-`sample` (through `pipeline.sampling`) and `decode`; stage two only `velocity` on stored latents and
+`sample` (through `pipeline.sampling`) and `decode`; stage two only the velocity on stored latents and
 conditioning, so the training job never loads a text encoder or a VAE.
+
+One registry entry per backend (`BackendSpec`) says everything the two stages need to know about it: how to
+load the whole model (stage one, eval), which diffusers class its denoiser is (stage two loads only that), its
+velocity function, the latent shape read from config files, and how it takes guidance. The velocity function
+is the one code path for both stages: the backends' own `velocity` calls it on their transformer, and stage
+two calls it on the model being trained (`velocity_fn`), so "policy error at step 0 == cached reference error"
+holds for every backend by construction.
 """
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from ..errors import GdroError
 
-__all__ = ["Conditioning", "GdroError", "ModelBackend", "register_backend", "load_backend", "BACKENDS"]
+__all__ = [
+    "BACKENDS",
+    "BackendSpec",
+    "Conditioning",
+    "GdroError",
+    "ModelBackend",
+    "backend_from_config",
+    "dataset_velocity",
+    "latent_shape_of",
+    "load_backend",
+    "load_transformer",
+    "register_backend",
+    "transformer_velocity",
+    "velocity_fn",
+]
 
 
 @dataclass
@@ -25,17 +48,17 @@ class Conditioning:
     prompt_embeds: torch.Tensor  # [B, L, D]
     pooled_embeds: torch.Tensor  # [B, P]
 
-    def __getitem__(self, idx) -> "Conditioning":
+    def __getitem__(self, idx) -> Conditioning:
         return Conditioning(self.prompt_embeds[idx], self.pooled_embeds[idx])
 
-    def repeat_interleave(self, n: int) -> "Conditioning":
+    def repeat_interleave(self, n: int) -> Conditioning:
         return Conditioning(self.prompt_embeds.repeat_interleave(n, 0), self.pooled_embeds.repeat_interleave(n, 0))
 
-    def to(self, *args, **kwargs) -> "Conditioning":
+    def to(self, *args, **kwargs) -> Conditioning:
         return Conditioning(self.prompt_embeds.to(*args, **kwargs), self.pooled_embeds.to(*args, **kwargs))
 
     @staticmethod
-    def cat(items: list["Conditioning"]) -> "Conditioning":
+    def cat(items: list[Conditioning]) -> Conditioning:
         return Conditioning(torch.cat([c.prompt_embeds for c in items]), torch.cat([c.pooled_embeds for c in items]))
 
 
@@ -43,6 +66,9 @@ class ModelBackend(Protocol):
     name: str
     latent_shape: tuple[int, int, int]
     transformer: torch.nn.Module
+    device: torch.device
+    dtype: torch.dtype
+    guidance_mode: str  # "cfg": classifier-free guidance at sampling | "embedded": guidance is a model input
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning: ...
 
@@ -51,55 +77,207 @@ class ModelBackend(Protocol):
     def decode(self, latents: torch.Tensor) -> np.ndarray: ...
 
 
-def transformer_velocity(module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-    """v(x_t, t, c) of an SD3-family transformer (or a DeepSpeed engine wrapping one); t in [0, 1], t = 1 noise.
-    diffusers' SD3 transformer takes timesteps in [0, 1000]."""
+# ------------------------------------------------------------------------------------- velocity functions
+def _inner(module):
+    """The diffusers model inside a DeepSpeed engine (`.module`); peft adapters live inside the model itself."""
+    return getattr(module, "module", module)
+
+
+def _timesteps(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     t = t.to(device=x.device, dtype=x.dtype)
-    t = t.expand(x.shape[0]) if t.numel() == 1 else t
-    return module(hidden_states=x, timestep=t * 1000.0, encoder_hidden_states=cond.prompt_embeds,
+    return t.expand(x.shape[0]) if t.numel() == 1 else t
+
+
+def transformer_velocity(module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, *,
+                         guidance: float | None = None) -> torch.Tensor:
+    """v(x_t, t, c) of an SD3-family transformer (or a DeepSpeed engine wrapping one); t in [0, 1], t = 1 noise.
+    diffusers' SD3 transformer takes timesteps in [0, 1000]. No guidance input: SD3 guides by CFG at sampling."""
+    return module(hidden_states=x, timestep=_timesteps(t, x) * 1000.0, encoder_hidden_states=cond.prompt_embeds,
                   pooled_projections=cond.pooled_embeds, return_dict=False)[0]
 
 
-BACKENDS: dict[str, Callable[..., ModelBackend]] = {}
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> FLUX's [B, (H/2)(W/2), 4C] sequence of 2x2 patches (diffusers' `_pack_latents`)."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
 
 
-def register_backend(name: str):
-    def deco(fn):
-        BACKENDS[name] = fn
-        return fn
-
-    return deco
+def unpack_latents(seq: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    b, _, d = seq.shape
+    return seq.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
 
 
-def load_backend(name: str, path: str, **kwargs) -> ModelBackend:
-    if name not in BACKENDS:
-        raise GdroError(f"model.backend: unknown backend {name!r}; known: {', '.join(sorted(BACKENDS))}")
-    return BACKENDS[name](path, **kwargs)
+def flux_velocity(module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, *,
+                  guidance: float | None = None) -> torch.Tensor:
+    """v(x_t, t, c) of a FLUX transformer on unpacked latents [B, C, H, W] (as stored): packs 2x2 patches, builds
+    the image/text position ids, passes the distilled guidance as the model's guidance embedding (FLUX.1-dev; a
+    model without one, like FLUX.1-schnell, takes none) and unpacks the result. FLUX takes t in [0, 1]."""
+    b, _, h, w = x.shape
+    ids = torch.zeros(h // 2, w // 2, 3, device=x.device, dtype=x.dtype)
+    ids[..., 1] += torch.arange(h // 2, device=x.device, dtype=x.dtype)[:, None]
+    ids[..., 2] += torch.arange(w // 2, device=x.device, dtype=x.dtype)[None, :]
+    txt_ids = torch.zeros(cond.prompt_embeds.shape[1], 3, device=x.device, dtype=x.dtype)
+    g = None
+    if _inner(module).config.guidance_embeds:
+        if guidance is None:
+            raise GdroError("this FLUX model is guidance-distilled: it needs sampler.guidance (e.g. 3.5 for "
+                            "FLUX.1-dev) as its guidance input")
+        g = torch.full((b,), float(guidance), device=x.device, dtype=torch.float32)
+    out = module(hidden_states=pack_latents(x), timestep=_timesteps(t, x), guidance=g,
+                 encoder_hidden_states=cond.prompt_embeds, pooled_projections=cond.pooled_embeds,
+                 img_ids=ids.reshape(-1, 3), txt_ids=txt_ids, return_dict=False)[0]
+    return unpack_latents(out, h, w)
 
 
-def latent_shape_of(name: str, path: str) -> tuple[int, int, int]:
-    """The latent shape a backend produces, read from its config files (no weights loaded)."""
-    if name == "toy":
-        from .toy import ToyBackend
+# ------------------------------------------------------------------------------------------ the registry
+def _read_config(path: str | Path, sub: str, key: str = "model.path") -> dict:
+    f = Path(path) / sub / "config.json"
+    if not f.is_file():
+        raise GdroError(f"{key}: {Path(path)} has no {sub}/config.json; point {key} at a local diffusers model "
+                        f"folder (nothing is downloaded: fetch the weights yourself, e.g. `huggingface-cli download "
+                        f"<repo> --local-dir <dir>`)")
+    return json.loads(f.read_text())
 
-        return ToyBackend.latent_shape
-    raise GdroError(f"model.backend: unknown backend {name!r}; known: {', '.join(sorted(BACKENDS))}")
+
+def vae_latent_shape(path: str | Path, resolution: int, *, patch: int, default_latent_side: int,
+                     key: str = "model.path") -> tuple[int, int, int]:
+    """(C, H/f, W/f) of a square image of `resolution` px (0: the model's default) from vae/config.json."""
+    vae = _read_config(path, "vae", key)
+    f = 2 ** (len(vae["block_out_channels"]) - 1)
+    res = resolution or default_latent_side * f
+    if res % (f * patch):
+        raise GdroError(f"model.resolution={res} must be a multiple of {f * patch} for this model (VAE factor {f} "
+                        f"x patch {patch})")
+    return (int(vae["latent_channels"]), res // f, res // f)
 
 
-@register_backend("toy")
-def _toy(path: str, **kwargs) -> ModelBackend:
+def _toy_latent_shape(path: str, resolution: int) -> tuple[int, int, int]:
     from .toy import ToyBackend
 
-    return ToyBackend.from_pretrained(path, **kwargs)
+    if resolution not in (0, ToyBackend.latent_shape[-1]):
+        raise GdroError(f"model.resolution={resolution}: the toy model draws {ToyBackend.latent_shape[-1]} px "
+                        f"images only (use 0)")
+    return ToyBackend.latent_shape
+
+
+def _sd3_latent_shape(path: str, resolution: int) -> tuple[int, int, int]:
+    tr = _read_config(path, "transformer")
+    shape = vae_latent_shape(path, resolution, patch=tr["patch_size"], default_latent_side=tr["sample_size"])
+    if shape[1] // tr["patch_size"] > tr.get("pos_embed_max_size", 10**9):
+        raise GdroError(f"model.resolution: {shape[1]} latent pixels exceed the transformer's pos_embed_max_size "
+                        f"({tr['pos_embed_max_size']} patches of {tr['patch_size']})")
+    return shape
+
+
+def _flux_latent_shape(path: str, resolution: int) -> tuple[int, int, int]:
+    _read_config(path, "transformer")
+    return vae_latent_shape(path, resolution, patch=2, default_latent_side=128)  # FluxPipeline.default_sample_size
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    load: Callable[..., ModelBackend]  # (path, **options) -> the whole model (stage one, eval)
+    transformer_class: str  # the diffusers class of <path>/transformer (all stage two loads)
+    velocity: Callable[..., torch.Tensor]  # (module, x, t, cond, *, guidance) -> v, for both stages
+    latent_shape: Callable[[str, int], tuple[int, int, int]]  # (path, resolution) from configs, no weights
+    guidance_mode: str  # "cfg" (classifier-free at sampling) | "embedded" (a model input, guidance-distilled)
+    lora_pipeline: str  # the diffusers pipeline class whose LoRA format the export writes
+
+
+def _load_toy(path: str, **kw) -> ModelBackend:
+    from .toy import ToyBackend
+
+    _toy_latent_shape(path, kw.pop("resolution", 0))
+    for unused in ("max_sequence_length", "guidance"):  # the toy encoder has a fixed length; it guides by CFG
+        kw.pop(unused, None)
+    if kw.get("device") is None:
+        kw.pop("device", None)
+    return ToyBackend.from_pretrained(path, **kw)
+
+
+def _load_sd3(path: str, **kw) -> ModelBackend:
+    from .sd3 import SD3Backend
+
+    return SD3Backend.from_pretrained(path, **kw)
+
+
+def _load_flux(path: str, **kw) -> ModelBackend:
+    from .flux import FluxBackend
+
+    return FluxBackend.from_pretrained(path, **kw)
+
+
+BACKENDS: dict[str, BackendSpec] = {}
+
+
+def register_backend(spec: BackendSpec) -> BackendSpec:
+    BACKENDS[spec.name] = spec
+    return spec
+
+
+register_backend(BackendSpec("toy", _load_toy, "SD3Transformer2DModel", transformer_velocity, _toy_latent_shape,
+                             "cfg", "StableDiffusion3Pipeline"))
+register_backend(BackendSpec("sd3", _load_sd3, "SD3Transformer2DModel", transformer_velocity, _sd3_latent_shape,
+                             "cfg", "StableDiffusion3Pipeline"))
+register_backend(BackendSpec("flux", _load_flux, "FluxTransformer2DModel", flux_velocity, _flux_latent_shape,
+                             "embedded", "FluxPipeline"))
+
+
+def spec_of(name: str) -> BackendSpec:
+    if name not in BACKENDS:
+        raise GdroError(f"model.backend: unknown backend {name!r}; known: {', '.join(sorted(BACKENDS))}")
+    return BACKENDS[name]
+
+
+# ------------------------------------------------------------------------------------------ entry points
+def load_backend(name: str, path: str, **options) -> ModelBackend:
+    """The whole model from a local folder. Options: dtype, device (None: the backend's choice), resolution (px,
+    0 = the model's default), max_sequence_length (0 = the backend's default), guidance (the sampler's; used by
+    guidance-embedded backends only)."""
+    return spec_of(name).load(path, **options)
+
+
+def backend_from_config(cfg, path: str | None = None) -> ModelBackend:
+    """`load_backend` with everything an `ExperimentConfig` says about the model and the sampler."""
+    m = cfg.model
+    return load_backend(m.backend, path or m.path, dtype=getattr(torch, m.dtype), resolution=m.resolution,
+                        max_sequence_length=m.max_sequence_length, guidance=cfg.sampler.guidance)
+
+
+def latent_shape_of(name: str, path: str, resolution: int = 0) -> tuple[int, int, int]:
+    """The latent shape a backend produces, read from its config files (no weights loaded)."""
+    return tuple(spec_of(name).latent_shape(path, resolution))
 
 
 def load_transformer(name: str, path: str):
-    """Only the denoiser, for stage two (no text encoder, no VAE)."""
-    from diffusers import SD3Transformer2DModel
+    """Only the denoiser, for stage two (no text encoder, no VAE), as the backend's diffusers class."""
+    import diffusers
 
-    if name not in BACKENDS:
-        raise GdroError(f"model.backend: unknown backend {name!r}; known: {', '.join(sorted(BACKENDS))}")
+    spec = spec_of(name)
     folder = Path(path) / "transformer"
     if not (folder / "config.json").is_file():
         raise GdroError(f"model.path: {folder} has no config.json; point model.path at a local model folder")
-    return SD3Transformer2DModel.from_pretrained(folder, local_files_only=True)
+    return getattr(diffusers, spec.transformer_class).from_pretrained(folder, local_files_only=True)
+
+
+def velocity_fn(name: str, *, guidance: float | None = None) -> Callable[..., torch.Tensor]:
+    """`v(module, x, t, cond)` for backend `name`: what stage two calls on the model it trains. `guidance` is the
+    sampler's guidance, passed to guidance-embedded models only (CFG models train without guidance, as DGPO)."""
+    spec = spec_of(name)
+    g = guidance if spec.guidance_mode == "embedded" else None
+
+    def v(module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return spec.velocity(module, x, t, cond, guidance=g)
+
+    return v
+
+
+def dataset_velocity(name: str, manifest: dict) -> Callable[..., torch.Tensor]:
+    """`velocity_fn` for training on a dataset: refuses a backend other than the generator's, and takes the
+    guidance the dataset was sampled with from its manifest."""
+    made_by = manifest["generator"]["backend"]
+    if made_by != name:
+        raise GdroError(f"model.backend is {name!r}, but the dataset was generated by the {made_by!r} backend; "
+                        f"train the model that generated it")
+    return velocity_fn(name, guidance=manifest["sampler"]["guidance"])

@@ -111,6 +111,7 @@ class ToyBackend:
 
     name = "toy"
     latent_shape = (3, SIZE, SIZE)
+    guidance_mode = "cfg"  # classifier-free guidance at sampling (pre-trained with 10 % empty captions)
 
     def __init__(self, transformer, text_encoder: ToyTextEncoder, *, device: str = "cpu",
                  dtype: torch.dtype = torch.float32):
