@@ -19,6 +19,7 @@ from pipeline.backends.base import Conditioning, load_backend, load_transformer,
 from pipeline.config import ExperimentConfig
 from pipeline.flow import flow_errors
 from pipeline.sampling import SamplerConfig, sample
+from stages.bench_real import bench_sd3_rollouts
 
 
 def _timeit(fn, repeats: int) -> float:
@@ -155,6 +156,7 @@ def main(cfg: ExperimentConfig, *, out: Path = Path("bench/out"), repeats: int =
     reading = bench_reading(Path(cfg.rollouts.out), repeats)
     if reading:
         rows.append(reading)
+    rows += bench_sd3_rollouts()  # stages/bench_real.py: tiny SD3, `gdro rollouts` vs. diffusers' own pipeline
     out.mkdir(parents=True, exist_ok=True)
     lines = ["| benchmark | ours | plain alternative | ratio |", "|---|---|---|---|"]
     for r in rows:
