@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import GdroError
 from ..toy.prompts import NUMBERS, RELATIONS
 from ..toy.world import COLORS, PLURALS, SHAPES, SIZE, from_unit
 from .base import Conditioning, transformer_velocity
-from ..errors import GdroError
 
 PAD, UNK = "<pad>", "<unk>"
 
@@ -84,7 +84,7 @@ class ToyTextEncoder(nn.Module):
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / "model.safetensors"))
 
     @classmethod
-    def load(cls, folder: Path) -> "ToyTextEncoder":
+    def load(cls, folder: Path) -> ToyTextEncoder:
         from safetensors.torch import load_file
 
         cfg = TextEncoderConfig(**json.loads((folder / "config.json").read_text()))
@@ -123,7 +123,7 @@ class ToyBackend:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                        load_text_encoder: bool = True) -> "ToyBackend":
+                        load_text_encoder: bool = True) -> ToyBackend:
         from diffusers import SD3Transformer2DModel
 
         path = Path(path)
