@@ -147,6 +147,9 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     num_workers: int = 0  # DataLoader workers per rank
     shuffle_buffer: int = 64  # groups
+    data_order: str = "shuffled"  # shuffled (shards resampled per rank) | sequential (step s's global batch is
+    # groups [s*B, (s+1)*B) mod N of all N groups in key order, B = groups_per_step x ranks, rank r taking the
+    # r-th slice: the same global batches for any number of ranks; every rank reads every shard; for checks)
     verify_shards: bool = True  # sha256 of every shard against the manifest before training (off for huge sets)
     seed: int = 0
 
@@ -159,6 +162,7 @@ class TrainConfig:
         _choice(f"{key}t_law", self.t_law, ("uniform", "logit_normal"))
         _choice(f"{key}zero_stage", self.zero_stage, (2, 3))
         _choice(f"{key}precision", self.precision, ("auto", "fp32", "bf16"))
+        _choice(f"{key}data_order", self.data_order, ("shuffled", "sequential"))
         for name in ("steps", "groups_per_step", "grad_accum", "lr", "save_every", "keep_checkpoints", "adv_clip",
                      "tau"):
             _positive(f"{key}{name}", getattr(self, name))

@@ -5,6 +5,10 @@ starts from), so no rank can starve or hang however few shards there are; the de
 (`schemas.manifest.decode_group`: JSON and .npy without pickle; images are not decoded at all: training needs
 latents only). The reward mix is applied here; a group with a failed reward that the mix needs is kept in the
 batch but marked invalid, so it is counted, never silently dropped, and never trained on.
+
+`order="sequential"` (train.data_order) replaces the resampling by a fixed schedule: all groups in key order,
+cycling, the global batch of step s a function of s alone, each rank taking its contiguous slice. 1 rank with
+2m groups per step then sees what 2 ranks with m each see together (the distributed test relies on it).
 """
 from __future__ import annotations
 
@@ -115,12 +119,48 @@ def _local_tar_samples(src):
     return group_by_keys(tar_file_expander(opened(src), handler=reraise_exception), handler=reraise_exception)
 
 
+class SequentialBatches:
+    """Endless batches in a fixed order: global batch s holds groups (s*B + j) mod N, j < B = groups x world, of
+    all N groups in key order (shards in index order; a shard's tar holds its keys in order); rank r takes
+    j in [r*groups, (r+1)*groups). Every rank reads every shard but decodes only its own slice."""
+
+    def __init__(self, urls: list[str], *, groups: int, weights: dict[str, float], rank: int, world: int):
+        self.urls, self.groups, self.weights = urls, groups, weights
+        self.rank, self.world = rank, world
+
+    def __iter__(self):
+        from schemas.manifest import iter_tar_groups
+
+        def cycle():
+            while True:
+                for url in self.urls:
+                    for key, raw in iter_tar_groups(Path(url)):
+                        yield url, key, raw
+
+        stream = cycle()
+        lo, hi = self.rank * self.groups, (self.rank + 1) * self.groups
+        while True:
+            items = []
+            for j in range(self.groups * self.world):
+                url, key, raw = next(stream)
+                if lo <= j < hi:
+                    items.append(_to_item({"__key__": key, "__url__": url, **raw}, self.weights))
+            yield collate_groups(items)
+
+
 def group_batches(root: Path, *, groups: int, weights: dict[str, float], seed: int, rank: int, world: int,
-                  workers: int, shuffle_buffer: int):
-    """An endless iterable of collated batches of `groups` groups for this rank."""
+                  workers: int, shuffle_buffer: int, order: str = "shuffled"):
+    """An endless iterable of collated batches of `groups` groups for this rank (`order`: see the module doc)."""
     import webdataset as wds
 
     manifest, urls = shard_urls(root)
+    if order == "sequential":
+        if not sum(int(sh["groups"]) for sh in manifest["shards"]):
+            raise GdroError(f"train.dataset {root} holds no groups")
+        by_index = sorted(zip(manifest["shards"], urls), key=lambda su: su[0]["name"])
+        return manifest, SequentialBatches([u for _, u in by_index], groups=groups, weights=weights, rank=rank,
+                                           world=world)
+    assert order == "shuffled", order
     slots = world * max(1, workers)
     if len(urls) < slots:
         print(f"data: {len(urls)} shards for {world} ranks x {max(1, workers)} workers: every rank and worker "

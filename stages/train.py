@@ -8,6 +8,7 @@ ever loaded here.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import shutil
 import signal
@@ -75,16 +76,32 @@ class Preemption:
         return bool(f.item() > 0)
 
 
-def _draws(batch: dict, ref: str, t_cfg, gen: torch.Generator, shape) -> tuple:
-    """Per group: (t [N], eps [N, C, H, W], cached reference errors [N, G] or None)."""
-    n = batch["rewards"].shape[0]
+def _group_generators(seed: int, step: int, first: int, n: int) -> list[torch.Generator]:
+    """One generator per group, seeded by (seed, step, the group's position in the step's global batch): the
+    draws depend neither on how the global batch is split over ranks nor on a restart."""
+    def one(pos: int) -> torch.Generator:
+        digest = hashlib.sha256(f"{seed}:{step}:{pos}:train-draw".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+    return [one(first + i) for i in range(n)]
+
+
+def _draws(batch: dict, ref: str, t_cfg, gens: list[torch.Generator], shape) -> tuple:
+    """Per group, from its own generator: (t [N], eps [N, C, H, W], cached reference errors [N, G] or None)."""
+    n = len(gens)
     if ref == "cache":
-        k = torch.randint(batch["ref_t"].shape[1], (n,), generator=gen)
+        k = torch.cat([torch.randint(batch["ref_t"].shape[1], (1,), generator=g) for g in gens])
         t = batch["ref_t"][torch.arange(n), k]
         eps = torch.stack([noise_for(int(batch["ref_noise_seeds"][i][int(k[i])]), shape) for i in range(n)])
         return t, eps, batch["ref_errors"][torch.arange(n), k]
-    t = sample_t(n, gen, law=t_cfg.t_law, t_min=t_cfg.t_min, t_max=t_cfg.t_max)
-    return t, torch.randn((n, *shape), generator=gen), None
+    t = torch.cat([sample_t(1, g, law=t_cfg.t_law, t_min=t_cfg.t_min, t_max=t_cfg.t_max) for g in gens])
+    return t, torch.stack([torch.randn(shape, generator=g) for g in gens]), None
+
+
+def _averaged_groups(loss: str, out_) -> torch.Tensor:
+    """[N] bool: the groups `loss` is a mean over (pipeline/losses.py): raft every group, the others those with
+    reward spread."""
+    return torch.ones_like(out_.signal) if loss == "raft" else out_.signal
 
 
 def _trim_metrics(path: Path, step: int) -> None:
@@ -103,6 +120,7 @@ def _prune(ckdir: Path, keep: int) -> None:
 
 def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
     import deepspeed
+    import torch.distributed as dist
 
     t = cfg.train
     rank, world, _local, device = init_distributed()
@@ -124,7 +142,7 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
     start_tag = latest.read_text().strip() if latest.exists() else None
     manifest, loader = group_batches(Path(t.dataset), groups=t.groups_per_step, weights=t.reward_weights,
                                      seed=t.seed, rank=rank, world=world, workers=t.num_workers,
-                                     shuffle_buffer=t.shuffle_buffer)
+                                     shuffle_buffer=t.shuffle_buffer, order=t.data_order)
     G = manifest["group_size"]
     shape = tuple(manifest["generator"]["latent_shape"])
     lora = t.lora_rank > 0
@@ -199,9 +217,8 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
         t_data = time.time()
         batch = next(it)
         data_s = time.time() - t_data  # time waiting for the loader: the bench's data-loading share
-        gen = torch.Generator().manual_seed(t.seed * 1_000_003 + step * 1009 + rank)
         n = batch["rewards"].shape[0]
-        tt, eps, ref_cached = _draws(batch, ref_mode, t, gen, shape)
+        tt, eps, ref_cached = _draws(batch, ref_mode, t, _group_generators(t.seed, step, rank * n, n), shape)
         x0 = batch["latents"].reshape(n * G, *shape).to(device, dtype)
         eps_g = eps.repeat_interleave(G, 0).to(device, dtype)  # one eps and one t per group
         t_g = tt.repeat_interleave(G, 0).to(device)
@@ -221,14 +238,24 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
         rewards = torch.where(valid.unsqueeze(1), rewards, torch.zeros_like(rewards))  # invalid: no spread, no signal
         out_ = group_loss(t.loss, err.view(n, G), ref_err, rewards.float(), beta=t.beta, adv_scope=t.adv_scope,
                           adv_clip=t.adv_clip, tau=t.tau)
-        loss = out_.loss + t.kl_beta * kl
+        # The losses average over this rank's groups with signal, and DeepSpeed averages gradients over ranks: with
+        # unequal counts per rank that is not the mean over the global batch. Scaling by count x world / global
+        # count makes it exactly that mean (what one process with the whole global batch computes), whatever the
+        # spread of the groups on each rank. One all-reduce also gives the logged loss as the global mean.
+        counted = _averaged_groups(t.loss, out_).sum().double()
+        totals = torch.stack([counted, out_.loss.detach().double() * counted, kl.detach().double()]).to(device)
+        dist.all_reduce(totals)
+        n_global = float(totals[0])
+        scale = float(counted) * world / n_global if n_global > 0 else 1.0
+        loss = out_.loss * scale + t.kl_beta * kl
+        loss_global = (float(totals[1]) / n_global if n_global > 0 else 0.0) + t.kl_beta * float(totals[2]) / world
         engine.backward(loss)
         engine.step()
         step += 1
         now = time.time()
         sig = out_.signal
         record = {
-            "step": step, "loss": float(loss.detach()), "kl": float(kl.detach()),
+            "step": step, "loss": loss_global, "kl": float(totals[2]) / world,  # means over all ranks
             "implicit_acc": pairwise_accuracy(out_.rho.detach(), rewards),
             "rho_mean": float(out_.rho.detach().mean()),
             "abs_adv": float(out_.advantages[sig].abs().mean()) if sig.any() else 0.0,

@@ -27,7 +27,7 @@ PROMPTS = REPO / "prompts" / "toy_train.jsonl"
 REWARD = "gdro_e2e_reward:mean_pixel"
 G = 4
 METRIC_KEYS = {"step", "loss", "kl", "implicit_acc", "rho_mean", "abs_adv", "zero_spread", "invalid_groups",
-               "reward_mean", "grad_norm", "lr", "images_per_s", "t_mean"}
+               "reward_mean", "grad_norm", "lr", "images_per_s", "t_mean", "step_s", "data_s"}
 REWARD_MODULE = '''
 import numpy as np
 
@@ -195,7 +195,8 @@ def test_resume_continues_without_repeating_steps(dgpo_run):
 
 def test_resumed_losses_equal_an_uninterrupted_run(dgpo_run, datasets, tiny_toy_model):
     """Steps 5-6 after resuming from the step-4 checkpoint equal steps 5-6 of one uninterrupted 6-step run: the
-    data stream is skipped ahead, and t/eps are drawn per (seed, step, rank), so nothing depends on the restart.
+    data stream is skipped ahead, and t/eps are drawn per (seed, step, position in the global batch), so nothing
+    depends on the restart.
     Tolerance 1e-6 relative: the same ops on the same inputs in one process (CPU); only DeepSpeed's
     checkpoint round trip of fp32 weights and Adam moments lies between them, and that is exact."""
     straight = datasets["root"] / "run_straight"
