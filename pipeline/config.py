@@ -126,6 +126,7 @@ class TrainConfig:
     tau: float = 1.0  # gdro-ce target temperature
     kl_beta: float = 0.0  # weight of ||v_theta - v_ref||^2 (needs a live reference, not the cache)
     reference: str = "auto"  # auto (cache if the dataset has one, else lora if LoRA, else copy) | cache | lora | copy
+    error_param: str = "x0"  # error in the implicit rewards: x0 (DGPO Eq. 17, = t^2 x the velocity error) | v
     t_law: str = "uniform"  # law of t when the reference is live: uniform | logit_normal
     t_min: float = 0.0  # DGPO's timestep clip: t in [t_min, t_max]
     t_max: float = 1.0
@@ -160,6 +161,7 @@ class TrainConfig:
         _choice(f"{key}adv_scope", self.adv_scope, ("group", "batch"))
         _choice(f"{key}reference", self.reference, ("auto", "cache", "lora", "copy"))
         _choice(f"{key}t_law", self.t_law, ("uniform", "logit_normal"))
+        _choice(f"{key}error_param", self.error_param, ("x0", "v"))
         _choice(f"{key}zero_stage", self.zero_stage, (2, 3))
         _choice(f"{key}precision", self.precision, ("auto", "fp32", "bf16"))
         _choice(f"{key}data_order", self.data_order, ("shuffled", "sequential"))

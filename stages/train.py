@@ -24,7 +24,7 @@ from pipeline.config import ExperimentConfig, save_resolved, to_dict
 from pipeline.data import check_dataset, group_batches
 from pipeline.distributed import deepspeed_config, init_distributed, print0
 from pipeline.errors import GdroError
-from pipeline.flow import flow_errors, sample_t
+from pipeline.flow import error_weight, flow_errors, sample_t
 from pipeline.losses import NEEDS_REFERENCE, group_loss, kl_penalty, pairwise_accuracy
 from pipeline.slurm import requeue_on_preemption
 from schemas import layout
@@ -236,8 +236,9 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
         rewards = batch["rewards"].to(device)
         valid = batch["valid"].to(device)
         rewards = torch.where(valid.unsqueeze(1), rewards, torch.zeros_like(rewards))  # invalid: no spread, no signal
-        out_ = group_loss(t.loss, err.view(n, G), ref_err, rewards.float(), beta=t.beta, adv_scope=t.adv_scope,
-                          adv_clip=t.adv_clip, tau=t.tau)
+        w = error_weight(tt, t.error_param).to(device).unsqueeze(1)  # the same factor for policy and reference
+        out_ = group_loss(t.loss, err.view(n, G) * w, ref_err * w if ref_err is not None else None, rewards.float(),
+                          beta=t.beta, adv_scope=t.adv_scope, adv_clip=t.adv_clip, tau=t.tau)
         # The losses average over this rank's groups with signal, and DeepSpeed averages gradients over ranks: with
         # unequal counts per rank that is not the mean over the global batch. Scaling by count x world / global
         # count makes it exactly that mean (what one process with the whole global batch computes), whatever the
