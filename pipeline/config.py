@@ -153,6 +153,10 @@ class TrainConfig:
     # r-th slice: the same global batches for any number of ranks; every rank reads every shard; for checks)
     verify_shards: bool = True  # sha256 of every shard against the manifest before training (off for huge sets)
     seed: int = 0
+    eval_every: int = 0  # steps between evaluations on the first eval_num_prompts lines of eval.prompts (scores
+    # and corrected score as `gdro eval`); the best model by corrected score is kept in <out>/best; 0 = off
+    eval_num_prompts: int = 60  # prompt lines of those evaluations (one image each, eval.base_seed noise)
+    patience: int = 0  # stop after this many evaluations without a better corrected score; 0 = train all steps
 
     def check(self, key: str) -> None:
         from .losses import LOSSES
@@ -174,6 +178,9 @@ class TrainConfig:
             raise GdroError(f"{key}t_min/t_max must satisfy 0 <= t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
         if not self.reward_weights:
             raise GdroError(f"{key}reward_weights is empty: name at least one stored reward")
+        if self.eval_every < 0 or self.patience < 0:
+            raise GdroError(f"{key}eval_every and {key}patience must be >= 0 (0 = off)")
+        _positive(f"{key}eval_num_prompts", self.eval_num_prompts)
         if self.lora_rank < 0 or self.kl_beta < 0 or self.num_workers < 0:
             raise GdroError(f"{key}lora_rank, {key}kl_beta and {key}num_workers must be >= 0")
         if self.reference == "lora" and self.lora_rank == 0:

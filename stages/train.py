@@ -26,6 +26,7 @@ from pipeline.distributed import deepspeed_config, init_distributed, print0
 from pipeline.errors import GdroError
 from pipeline.flow import error_weight, flow_errors, sample_t
 from pipeline.losses import NEEDS_REFERENCE, group_loss, kl_penalty, pairwise_accuracy
+from pipeline.selection import Selector
 from pipeline.slurm import requeue_on_preemption
 from schemas import layout
 from schemas.seeds import noise_for
@@ -208,6 +209,7 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
 
         tb = SummaryWriter(str(out / "tensorboard"))
     stop = Preemption()
+    select = Selector(cfg, out, rank, step) if t.eval_every else None  # train.eval_every: keep <out>/best
     it = iter(loader)
     for _ in range(step):  # resume: skip the batches the run already used, so
         next(it)  # it continues exactly as an uninterrupted run would (same data, same per-step seeds)
@@ -276,6 +278,9 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['implicit_acc']:.2f}",
                             r=f"{record['reward_mean']:.3f}")
+        if select is not None and step % t.eval_every == 0 and select(engine, step):  # train.patience reached
+            save_checkpoint(engine, cfg, ckdir, step, rank)
+            break
         preempted = stop.any_rank(device)
         if step % t.save_every == 0 or step == t.steps or preempted:
             save_checkpoint(engine, cfg, ckdir, step, rank)

@@ -76,7 +76,10 @@ def runs(tiny_toy_model, tmp_path_factory):
         full = run_train(make_cfg(tiny_toy_model, root, "full"))
         lora = run_train(make_cfg(tiny_toy_model, root, "lora", "train.steps=2", "train.lora_rank=4",
                                   "train.lora_alpha=8", "train.lr=1e-2"))
-    return {"root": root, "full": full, "lora": lora, "model": tiny_toy_model}
+        select = run_train(make_cfg(tiny_toy_model, root, "select", "train.steps=8", "train.save_every=2",
+                                    "train.keep_checkpoints=4", "train.eval_every=2", "train.eval_num_prompts=6",
+                                    "train.patience=1", "eval.target=partial"))
+    return {"root": root, "full": full, "lora": lora, "select": select, "model": tiny_toy_model}
 
 
 def test_checkpoint_weights_equal_the_export(runs):
@@ -135,3 +138,49 @@ def test_eval_of_one_folder(runs):
     assert r["trend"] is None and r["models"][1]["corrected"]["ci"] is None
     assert r["models"][1]["label"] == "full/export"
     assert [p.name for p in (runs["root"] / "eval_one").glob("grid_*.png")] == ["grid_full_export.png"]
+
+
+def test_decide_by_hand():
+    from pipeline.selection import decide
+
+    h = [{"corrected": v} for v in (0.0, 0.1, 0.05)]
+    assert decide(h[:1], 1) == (True, False)  # the first evaluation is the best so far
+    assert decide(h[:2], 1) == (True, False)
+    assert decide(h, 1) == (False, True)  # one evaluation without a better score: stop with patience 1
+    assert decide(h, 2) == (False, False)
+    assert decide(h, 0) == (False, False)  # patience 0: never stop
+    assert decide(h + [{"corrected": 0.1}], 0) == (False, False)  # a tie is not better
+
+
+def test_selection_during_training_keeps_the_best_and_stops(runs):
+    """train.eval_every=2, patience 1: one line per evaluation in selection.jsonl (the reference first), the
+    best model in best/ equal to the checkpoint of its step, and training stops exactly when `decide` says."""
+    from safetensors.torch import load_file
+
+    from pipeline.checkpoints import deepspeed_state_dict
+    from pipeline.selection import decide
+    from stages.evaluate import main as evaluate
+
+    run = runs["select"]
+    recs = [json.loads(x) for x in (run / "selection.jsonl").read_text().splitlines()]
+    assert recs[0]["step"] == 0 and recs[0]["reference"] and recs[0]["lines"] == 6
+    evals = recs[1:]
+    assert [r["step"] for r in evals] == list(range(2, 2 * len(evals) + 1, 2)) and evals
+    for i, r in enumerate(evals):
+        is_best, stop = decide(evals[: i + 1], 1)
+        assert r["best"] == is_best
+        assert stop == (i == len(evals) - 1 and r["step"] < 8)
+    last_step = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert last_step == evals[-1]["step"]
+    assert (run / "export").is_dir()
+    best_step = max(r["step"] for r in evals if r["best"])
+    info = json.loads((run / "best" / "best.json").read_text())
+    assert info["step"] == best_step
+    best = load_file(str(run / "best" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    ck = deepspeed_state_dict(run / "checkpoints" / f"step_{best_step:07d}")
+    for k in ck:
+        torch.testing.assert_close(best[k], ck[k])
+    r = evaluate(make_cfg(runs["model"], runs["root"], "select", f"eval.out={runs['root'] / 'eval_select'}",
+                          "eval.bootstrap=50", "eval.target=partial"))
+    assert r["figures"]["selection"] == "selection.png"
+    assert (runs["root"] / "eval_select" / "selection.png").is_file()
