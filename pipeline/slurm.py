@@ -39,11 +39,13 @@ def requeue_target(env=None) -> str | None:
     return env.get("SLURM_JOB_ID") or None
 
 
-def requeue_on_preemption(rank: int) -> str | None:
+def requeue_on_preemption(rank: int, requested: bool = True) -> str | None:
     """Called by every rank after the preemption checkpoint: wait until all ranks saved, then rank 0 puts this
-    job (or this array task) back in the queue with `scontrol requeue`; the requeued job resumes from the
-    checkpoint (`gdro train` resumes by default). Outside Slurm, or with GDRO_REQUEUE=0, nothing is requeued.
-    Returns the requeued id (on rank 0) or None."""
+    job (or this array task) back in the queue with `scontrol requeue`, and the requeued job resumes from the
+    checkpoint (`gdro train` resumes by default). Only when `requested` (rank 0 got USR2, Slurm's warning before
+    the time limit; a TERM from scancel only saves), inside a Slurm job, and with GDRO_REQUEUE=1 (exported by
+    cluster/train.sbatch; set it in your own scripts), so that a test or an interactive run inside an
+    allocation never requeues its job. Returns the requeued id (on rank 0) or None."""
     try:
         import torch.distributed as dist
 
@@ -52,7 +54,7 @@ def requeue_on_preemption(rank: int) -> str | None:
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
     target = requeue_target()
-    if rank != 0 or target is None or os.environ.get("GDRO_REQUEUE", "1") == "0":
+    if rank != 0 or not requested or target is None or os.environ.get("GDRO_REQUEUE") != "1":
         return None
     try:
         r = subprocess.run(["scontrol", "requeue", target], check=False, capture_output=True, text=True,

@@ -59,15 +59,18 @@ def ds_config(t, world: int, bf16: bool) -> dict:
 
 
 class Preemption:
-    """SIGUSR2/SIGTERM only set a flag; the loop all-reduces it so every rank checkpoints at the same step."""
+    """SIGUSR2/SIGTERM only set a flag; the loop all-reduces it so every rank checkpoints at the same step. Only
+    USR2 (Slurm's warning before the time limit) asks for a requeue; TERM (scancel) only saves."""
 
     def __init__(self):
         self.flag = False
+        self.received: set[int] = set()
         for sig in (signal.SIGUSR2, signal.SIGTERM):
             signal.signal(sig, self._set)
 
-    def _set(self, *_):
+    def _set(self, signum, _frame):
         self.flag = True
+        self.received.add(signum)
 
     def any_rank(self, device) -> bool:
         import torch.distributed as dist
@@ -286,7 +289,7 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
             save_checkpoint(engine, cfg, ckdir, step, rank)
         if preempted:
             print0(f"train: preemption signal: checkpointed at step {step}; exiting for requeue")
-            requeue_on_preemption(rank)  # rank 0, inside a Slurm job: scontrol requeue
+            requeue_on_preemption(rank, signal.SIGUSR2 in stop.received)  # rank 0 in a Slurm job: scontrol requeue
             return out
     bar.close()
     if rank == 0:

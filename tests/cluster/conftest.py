@@ -39,7 +39,7 @@ def slurm_problem() -> str | None:
 def slurm():
     problem = slurm_problem()
     if problem:
-        msg = f"needs a running local Slurm: {problem}; start one with `cluster/local/slurm.sh install && start`"
+        msg = f"needs a running local Slurm: {problem}; start one with `make slurm-up` (cluster/local/slurm.sh install, then start)"
         if os.environ.get("GDRO_REQUIRE_SLURM") == "1":
             pytest.fail(msg + " (GDRO_REQUIRE_SLURM=1)")
         pytest.skip(msg)

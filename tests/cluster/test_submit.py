@@ -88,6 +88,7 @@ def test_dry_run_4_nodes_8_gpus_launch_line_and_environment(tmp_path):
     assert job_env["RDZV_HOST"] == "gpu-a01" and job_env["RDZV_PORT"] == "29742"
     assert job_env["OMP_NUM_THREADS"] == "8"  # 64 CPUs / 8 ranks
     assert job_env["NCCL_DEBUG"] == "WARN"  # slurm.setup ran
+    assert job_env["GDRO_REQUEUE"] == "1"  # rank 0 may requeue this job
     sig_ign = int((out / "python.sigign").read_text().split()[1], 16)
     assert sig_ign & (1 << (signal.SIGUSR2 - 1)), "torchrun must ignore USR2 (the ranks install their handler)"
 
@@ -239,14 +240,16 @@ def test_requeue_target_is_array_aware():
     assert requeue_target({}) is None
 
 
-@pytest.mark.parametrize("rank, env, called", [
-    (0, {"SLURM_JOB_ID": "9", "SLURM_ARRAY_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "2"}, "requeue 7_2"),
-    (0, {"SLURM_JOB_ID": "9"}, "requeue 9"),
-    (1, {"SLURM_JOB_ID": "9"}, None),  # only rank 0 requeues
-    (0, {"SLURM_JOB_ID": "9", "GDRO_REQUEUE": "0"}, None),
-    (0, {}, None),  # not in a Slurm job
+@pytest.mark.parametrize("rank, usr2, env, called", [
+    (0, True, {"SLURM_JOB_ID": "9", "SLURM_ARRAY_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "2", "GDRO_REQUEUE": "1"},
+     "requeue 7_2"),
+    (0, True, {"SLURM_JOB_ID": "9", "GDRO_REQUEUE": "1"}, "requeue 9"),
+    (1, True, {"SLURM_JOB_ID": "9", "GDRO_REQUEUE": "1"}, None),  # only rank 0 requeues
+    (0, False, {"SLURM_JOB_ID": "9", "GDRO_REQUEUE": "1"}, None),  # TERM (scancel) saves, never requeues
+    (0, True, {"SLURM_JOB_ID": "9"}, None),  # not asked for by the job script (a test, an interactive srun)
+    (0, True, {"GDRO_REQUEUE": "1"}, None),  # not in a Slurm job
 ])
-def test_rank_0_requeues_the_job(tmp_path, monkeypatch, capsys, rank, env, called):
+def test_rank_0_requeues_the_job(tmp_path, monkeypatch, capsys, rank, usr2, env, called):
     from pipeline.slurm import requeue_on_preemption
 
     fake_tool(tmp_path / "bin", "scontrol", f'echo "$*" > {tmp_path / "called"}\n')
@@ -255,7 +258,7 @@ def test_rank_0_requeues_the_job(tmp_path, monkeypatch, capsys, rank, env, calle
         monkeypatch.delenv(k, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    got = requeue_on_preemption(rank)
+    got = requeue_on_preemption(rank, usr2)
     if called:
         assert (tmp_path / "called").read_text().strip() == called and got == called.split()[1]
         assert "resumes from the checkpoint" in capsys.readouterr().out
@@ -269,8 +272,9 @@ def test_a_failed_requeue_is_reported_not_raised(tmp_path, monkeypatch, capsys):
     fake_tool(tmp_path / "bin", "scontrol", 'echo "scontrol: error: Only batch jobs are accepted" >&2; exit 1\n')
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_JOB_ID", "9")
+    monkeypatch.setenv("GDRO_REQUEUE", "1")
     monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
-    assert requeue_on_preemption(0) is None
+    assert requeue_on_preemption(0, True) is None
     assert "Only batch jobs are accepted; resubmit to resume" in capsys.readouterr().out
 
 
