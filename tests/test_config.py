@@ -10,7 +10,8 @@ def test_toy_preset_resolves_with_typed_sections():
     cfg = resolve(ExperimentConfig, preset="toy")
     assert "toy" in preset_names()
     assert cfg.model.backend == "toy" and isinstance(cfg.rollouts.group_size, int)
-    assert cfg.rollouts.rewards == {"toy_geneval": {}, "toy_quality": {}}
+    assert cfg.rollouts.rewards == {"toy_geneval": {}, "toy_strict": {}, "toy_quality": {}}
+    assert cfg.train.error_param == "x0" and set(cfg.train.reward_weights) <= set(cfg.rollouts.rewards)
 
 
 @pytest.mark.parametrize("override, fragment", [
