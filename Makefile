@@ -3,6 +3,9 @@ SHELL := /bin/bash
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# the venv's tools first for every recipe and its children: DeepSpeed builds its CPU op with the first `ninja` on
+# PATH, and a different one than the last build's forces a 2-minute rebuild
+export PATH := $(abspath $(BIN)):$(PATH)
 TORCH_PIN ?= torch==2.13.0
 PRESET ?= toy
 ARGS ?=
