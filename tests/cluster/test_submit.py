@@ -190,8 +190,8 @@ esac
 def test_submit_all_chains_with_afterok_and_records_the_jobs(tmp_path):
     env = fake_slurm(tmp_path)
     ds = tmp_path / "ds"
-    r = gdro("submit", "all", *BASE, *sets(f"train.out={tmp_path / 'run'}", f"rollouts.out={ds}", f"train.dataset={ds}"),
-             cwd=tmp_path, env=env)
+    r = gdro("submit", "all", *BASE, *sets(f"train.out={tmp_path / 'run'}", f"rollouts.out={ds}", f"train.dataset={ds}",
+                                           "train.steps=50"), cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
     assert "submitted rollouts: job 101 (array 0-2)" in r.stdout and "submitted eval: job 104, after 103" in r.stdout
     calls = (tmp_path / "calls" / "sbatch.calls").read_text().splitlines()
@@ -213,7 +213,7 @@ def test_submit_all_chains_with_afterok_and_records_the_jobs(tmp_path):
     text = status.stdout
     assert "rollouts job 101 (array 0-2): 1 COMPLETED, 1 PENDING, 1 RUNNING (Resources), requeued 1x" in text
     assert f"{ds}: no task has started yet" in text
-    assert "train    job 103: PENDING (Dependency)" in text and "step 0/300; no checkpoint yet" in text
+    assert "train    job 103: PENDING (Dependency)" in text and "step 0/50; no checkpoint yet" in text
     assert "eval     job 104: PENDING (Dependency)" in text and "results: not yet" in text
 
 
