@@ -88,8 +88,8 @@ def _timesteps(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.expand(x.shape[0]) if t.numel() == 1 else t
 
 
-def transformer_velocity(module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, *,
-                         guidance: float | None = None) -> torch.Tensor:
+def sd3_velocity(module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, *,
+                 guidance: float | None = None) -> torch.Tensor:
     """v(x_t, t, c) of an SD3-family transformer (or a DeepSpeed engine wrapping one); t in [0, 1], t = 1 noise.
     diffusers' SD3 transformer takes timesteps in [0, 1000]. No guidance input: SD3 guides by CFG at sampling."""
     return module(hidden_states=x, timestep=_timesteps(t, x) * 1000.0, encoder_hidden_states=cond.prompt_embeds,
@@ -127,6 +127,18 @@ def flux_velocity(module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, 
                  encoder_hidden_states=cond.prompt_embeds, pooled_projections=cond.pooled_embeds,
                  img_ids=ids.reshape(-1, 3), txt_ids=txt_ids, return_dict=False)[0]
     return unpack_latents(out, h, w)
+
+
+def transformer_velocity(module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, *,
+                         guidance: float | None = None) -> torch.Tensor:
+    """v(x_t, t, c) of any registered backend's transformer, chosen by its diffusers class (the one a DeepSpeed
+    engine wraps): the SD3 family or FLUX. `guidance` is for guidance-embedded models only."""
+    name = type(_inner(module)).__name__
+    for spec in BACKENDS.values():
+        if spec.transformer_class == name:
+            return spec.velocity(module, x, t, cond, guidance=guidance)
+    raise GdroError(f"no registered backend uses a {name}; known: "
+                    f"{', '.join(sorted({s.transformer_class for s in BACKENDS.values()}))}")
 
 
 # ------------------------------------------------------------------------------------------ the registry
@@ -216,9 +228,9 @@ def register_backend(spec: BackendSpec) -> BackendSpec:
     return spec
 
 
-register_backend(BackendSpec("toy", _load_toy, "SD3Transformer2DModel", transformer_velocity, _toy_latent_shape,
+register_backend(BackendSpec("toy", _load_toy, "SD3Transformer2DModel", sd3_velocity, _toy_latent_shape,
                              "cfg", "StableDiffusion3Pipeline"))
-register_backend(BackendSpec("sd3", _load_sd3, "SD3Transformer2DModel", transformer_velocity, _sd3_latent_shape,
+register_backend(BackendSpec("sd3", _load_sd3, "SD3Transformer2DModel", sd3_velocity, _sd3_latent_shape,
                              "cfg", "StableDiffusion3Pipeline"))
 register_backend(BackendSpec("flux", _load_flux, "FluxTransformer2DModel", flux_velocity, _flux_latent_shape,
                              "embedded", "FluxPipeline"))

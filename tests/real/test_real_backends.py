@@ -229,7 +229,7 @@ def test_exported_full_model_differs_from_the_base_and_samples(world):
 def test_gdro_sampling_equals_the_diffusers_pipeline(world):
     """Same noise, steps, shift and guidance: gdro's sampler on the backend gives the latents diffusers' own
     StableDiffusion3Pipeline gives (FLUX: the velocity equals the pipeline's packed transformer call)."""
-    from pipeline.backends.base import load_backend
+    from pipeline.backends.base import load_backend, transformer_velocity
     from pipeline.sampling import SamplerConfig, sample
     from schemas.seeds import noise_for
 
@@ -254,3 +254,5 @@ def test_gdro_sampling_equals_the_diffusers_pipeline(world):
                            pooled_projections=cond.pooled_embeds, encoder_hidden_states=cond.prompt_embeds,
                            txt_ids=torch.zeros(MAX_LEN, 3), img_ids=ids, return_dict=False)[0]
     torch.testing.assert_close(ours, pipe._unpack_latents(out, 32, 32, 2), rtol=1e-5, atol=1e-6)
+    # the class-dispatched entry point takes the same path
+    torch.testing.assert_close(transformer_velocity(pipe.transformer, noise, t, cond, guidance=k["guidance"]), ours)
