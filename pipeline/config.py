@@ -205,7 +205,8 @@ class EvalConfig:
     out_of_domain: list[str] = field(default_factory=lambda: ["quality"])  # scores training never optimised
     rewards: list[str] = field(default_factory=list)  # more registered rewards scored on every image (by name)
     corrected_lambda: float = 1.0  # corrected score: target points per unit of relative out-of-domain loss
-    corrected_horizon: float = 100.0  # corrected score: steps the out-of-domain trend is projected ahead
+    corrected_horizon: float = 0.0  # corrected score: steps the out-of-domain trend is projected ahead; 0 = one
+    # evaluation interval (to the next checkpoint, if the spacing stays)
     corrected_window: int = 3  # corrected score: evaluated points (the reference included) the trend is fitted on
     bootstrap: int = 1000  # resamples of the prompt lines (stratified by kind, paired across models); 0 = no CIs
     bootstrap_seed: int = 0

@@ -9,8 +9,11 @@ reference model evaluated on the same prompts and noise, and checkpoints at trai
     loss_k      = mean_j max(0, 1 - O_jk / O_jref)                       relative out-of-domain loss, now
     slope_k     = mean_j OLS slope of O_j / O_jref over the last `window` points up to s_k (the reference is
                   the point (0, 1)), per step                            the hacking trend at s_k
-    projected_k = horizon * max(0, -slope_k)                              the loss that trend adds in `horizon` steps
+    projected_k = h_k * max(0, -slope_k)                                  the loss that trend adds in h_k more steps
     corrected_k = gain_k - lam * (loss_k + projected_k)
+
+h_k is `horizon` steps, or with horizon 0 (the default) one evaluation interval, s_k - s_{k-1} (s_0 = 0, the
+reference): projected_k is then the further loss expected at the next evaluation if the present trend goes on.
 
 `lam` is an exchange rate: target points given up per unit of relative out-of-domain loss (1: losing 10 % of
 the reference's quality costs 0.10 of accuracy). Out-of-domain gains are not rewarded, only losses counted.
@@ -80,7 +83,7 @@ def win_scores(policy: np.ndarray, reference: np.ndarray) -> np.ndarray:
 @dataclass
 class CorrectedConfig:
     lam: float = 1.0  # target points per unit of relative out-of-domain loss
-    horizon: float = 100.0  # steps the present out-of-domain trend is projected ahead
+    horizon: float = 0.0  # steps the present out-of-domain trend is projected ahead; 0 = one evaluation interval
     window: int = 3  # evaluated points (reference included) the trend is fitted on
 
 
@@ -120,11 +123,12 @@ def corrected_scores(steps, target, target_ref, ood, ood_ref, cfg: CorrectedConf
     gain = target - np.asarray(target_ref, np.float64)[..., None]
     loss = np.clip(1.0 - rel, 0.0, None).mean(0)
     if steps is None:
-        slope = np.zeros_like(gain)
+        slope, horizon = np.zeros_like(gain), 0.0
     else:
         ones = np.ones(rel.shape[:-1] + (1,))
         full = np.concatenate([ones, rel], -1)  # the reference is the point (0, 1)
         slope = trailing_slopes([0, *steps], full, cfg.window)[..., 1:].mean(0)
-    projected = cfg.horizon * np.clip(-slope, 0.0, None)
+        horizon = cfg.horizon if cfg.horizon > 0 else np.diff(np.asarray([0, *steps], np.float64))
+    projected = horizon * np.clip(-slope, 0.0, None)
     return {"gain": gain, "loss": loss, "slope": slope, "projected": projected,
             "corrected": gain - cfg.lam * (loss + projected)}

@@ -22,9 +22,10 @@ from .eval_stats import (
 )
 from .toy.scoring import kind_table
 
-FORMULA = ("corrected = (T - T_ref) - lambda * (loss + horizon * max(0, -slope)); loss = mean over out-of-domain "
+FORMULA = ("corrected = (T - T_ref) - lambda * (loss + h * max(0, -slope)); loss = mean over out-of-domain "
            "scores O of max(0, 1 - O / O_ref); slope = least-squares slope of O / O_ref over the last `window` "
-           "evaluated points (the reference is the point (0, 1)), per step")
+           "evaluated points (the reference is the point (0, 1)), per step; h = `horizon` steps, or (horizon 0) "
+           "the interval since the previous evaluated point")
 
 
 def _est(value, samples, level, scale: float = 1.0) -> dict:
@@ -154,7 +155,7 @@ def plot_curves(summary: dict, path: Path, title: str) -> Path | None:
     c = summary["corrected_score"]
     b.set_xlabel("training step (0 = reference)")
     b.set_ylabel("change vs. reference")
-    b.set_title(f"corrected score (lambda {c['lambda']:g}, horizon {c['horizon']:g} steps, window {c['window']})")
+    b.set_title(f"corrected score (lambda {c['lambda']:g}, horizon {_horizon(c)}, window {c['window']})", fontsize=9)
     b.legend(fontsize=8)
     level = summary["bootstrap"]["level"]
     fig.suptitle(f"{title}\nbands: {level:.0%} bootstrap intervals over prompts" if summary["bootstrap"]["resamples"]
@@ -164,6 +165,10 @@ def plot_curves(summary: dict, path: Path, title: str) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _horizon(c: dict) -> str:
+    return f"{c['horizon']:g} steps" if c["horizon"] > 0 else "1 interval"
 
 
 def _band(ax, x, ests, label, style):
@@ -257,7 +262,7 @@ def report_blocks(summary: dict, meta: dict, figures: dict) -> list[tuple]:
     blocks += [("h", 2, "Corrected score"),
                ("p", (f"Our own formula (the GDRO paper names a corrected score that accounts for the trend of reward "
                      f"hacking but publishes no formula): {FORMULA}; lambda = {c['lambda']:g}, horizon = "
-                     f"{c['horizon']:g} steps, window = {c['window']} points. T is the target, O the out-of-domain "
+                     f"{_horizon(c)}, window = {c['window']} points. T is the target, O the out-of-domain "
                      f"scores, ref the reference on the same prompts and noise. It is the target gain, discounted by "
                      f"the out-of-domain loss now and by the loss the present downward trend would add over the "
                      f"horizon; see docs/evaluation.md."))]

@@ -29,6 +29,11 @@ from pipeline.toy.scoring import format_table
 SHORT = {"strict": "s", "partial": "p", "quality": "q"}
 
 
+def short(name: str) -> str:
+    """A cell label for a score: s, p, q, or the initials of a reward's name (toy_color_area: ca)."""
+    return SHORT.get(name) or "".join(w[0] for w in name.removeprefix("toy_").split("_") if w)
+
+
 def models_to_evaluate(cfg: ExperimentConfig) -> list[ModelRef]:
     """The reference first, then the trained models by step."""
     e = cfg.eval
@@ -49,11 +54,11 @@ def draw_grids(models: list[dict], metas: list[dict], cfg: ExperimentConfig, out
     picked = pick_prompts(metas, e.grid_per_kind)
     lines = [metas.index(m) for m in picked]
     shown = (["partial"] if e.target == "strict" else [e.target]) + e.out_of_domain[:1]
-    legend = ", ".join(f"{SHORT.get(n, n[:4] + ' ')}= {n}" for n in shown)
+    legend = ", ".join(f"{short(n)} = {n}" for n in shown)
 
     def row(mdl):
         imgs = np.stack([mdl["images"][i * e.seeds] for i in lines])
-        text = [" ".join(f"{SHORT.get(n, n[:4] + ' ')}{mdl['scores'][n][i * e.seeds]:.2f}" for n in shown)
+        text = [" ".join(f"{short(n)} {mdl['scores'][n][i * e.seeds]:.2f}" for n in shown)
                 for i in lines]
         return imgs, text
 

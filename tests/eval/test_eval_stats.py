@@ -106,3 +106,14 @@ def test_corrected_score_broadcasts_over_resamples():
     for b in range(2):
         one = corrected_scores(steps, t[b], 0.2 if b == 0 else 0.1, o[:, b], [0.5], cfg)["corrected"]
         assert both[b] == pytest.approx(one)
+
+
+def test_default_horizon_is_one_evaluation_interval():
+    """horizon 0: the trend is projected over the gap to the previous point (the reference at step 0).
+    Checkpoints at 50 and 200, quality 0.45 and 0.30 of a reference 0.5, window 2:
+      relative 0.9, 0.6 -> loss 0.1, 0.4; slopes -0.1/50 = -0.002, -0.3/150 = -0.002 per step
+      projected over 50 and 150 steps: 0.1, 0.3; gains 0.1, 0.2 -> corrected 0.1 - 0.2 = -0.1, 0.2 - 0.7 = -0.5"""
+    r = corrected_scores([50, 200], [0.3, 0.4], 0.2, [[0.45, 0.30]], [0.5], CorrectedConfig(window=2))
+    assert r["slope"] == pytest.approx([-0.002, -0.002])
+    assert r["projected"] == pytest.approx([0.1, 0.3])
+    assert r["corrected"] == pytest.approx([-0.1, -0.5])
