@@ -199,8 +199,8 @@ def eval_(preset, files, overrides):
 @click.option("--out", default="bench/out", show_default=True, type=click.Path(file_okay=False))
 @click.option("--repeats", default=3, show_default=True, help="Timed repeats per case (best is kept).")
 def bench(preset, files, overrides, out, repeats):
-    """Benchmarks, ours vs. the plain alternative in one run: rollouts batching, cached vs. live reference,
-    shard reading (needs a dataset at rollouts.out). Writes OUT/results.md."""
+    """Benchmarks, ours vs. the plain alternative in one run: rollouts, training step vs. bare PyTorch, data
+    share, cached vs. live reference, shard reading (writes its own small dataset). Writes OUT/results.md."""
     cfg = _experiment(preset, files, overrides, show=False)
     from stages.bench import main as run
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import shutil
 import signal
 import time
@@ -176,6 +177,7 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
         transformer.enable_gradient_checkpointing()
     transformer.train()
     params = [p for p in transformer.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)  # counted before ZeRO-3 partitions them away (numel 0)
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, t.warmup_steps)))
     engine, _, _, _ = deepspeed.initialize(model=transformer, optimizer=optimizer, lr_scheduler=sched,
@@ -187,7 +189,7 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
         step = int(client["step"])
         print0(f"train: resumed from {ckdir / start_tag} at step {step}")
     dtype = torch.bfloat16 if bf16 else torch.float32
-    print0(f"train: {sum(p.numel() for p in params) / 1e6:.3f} M trainable parameters ({'LoRA' if lora else 'full'}), "
+    print0(f"train: {n_trainable / 1e6:.3f} M trainable parameters ({'LoRA' if lora else 'full'}), "
            f"loss {t.loss}, reference {ref_mode}, ZeRO-{t.zero_stage}, {dtype}, {world} rank(s), G={G}")
 
     def policy_v(x, tt, c):
@@ -300,10 +302,22 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
 
 
 def save_checkpoint(engine, cfg: ExperimentConfig, ckdir: Path, step: int, rank: int) -> None:
-    """All ranks save through DeepSpeed; `latest` moves only once the tag is complete."""
-    engine.save_checkpoint(str(ckdir), tag=f"step_{step:07d}", client_state={"step": step, "config": to_dict(cfg)})
+    """All ranks save through DeepSpeed; `latest` moves only once every rank's files of the tag are written.
+
+    DeepSpeed's own `latest` is written by rank 0 before its final barrier, so a rank killed mid-save could leave
+    `latest` naming an incomplete tag; here it is written after a barrier, atomically (temporary file, rename)."""
+    import torch.distributed as dist
+
+    tag = f"step_{step:07d}"
+    engine.save_checkpoint(str(ckdir), tag=tag, client_state={"step": step, "config": to_dict(cfg)},
+                           save_latest=False)
+    dist.barrier()
     if rank == 0:
+        tmp = ckdir / "latest.tmp"
+        tmp.write_text(tag)
+        os.replace(tmp, ckdir / "latest")
         _prune(ckdir, cfg.train.keep_checkpoints)
+    dist.barrier()
 
 
 def _merged_copy(model, cfg: ExperimentConfig, lora_dir: Path):
