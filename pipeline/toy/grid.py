@@ -25,6 +25,18 @@ def pick_prompts(metas: list[dict], per_kind: int) -> list[dict]:
     return out
 
 
+def _framed_cell(ax, image: np.ndarray, meta: dict):
+    """One grid cell: the image, no ticks, a green frame if it passes GenEval's strict rules, else red."""
+    verdict, _ = verify(image, meta)
+    ax.imshow(image, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_color("#1a9850" if verdict.strict else "#d73027")
+        spine.set_linewidth(2.5)
+    return verdict
+
+
 def draw_grid(images: np.ndarray, metas: list[dict], path: Path, title: str) -> Path:
     """images uint8 [rows, cols, H, W, 3] for metas[rows]; writes a PNG."""
     import matplotlib
@@ -37,13 +49,7 @@ def draw_grid(images: np.ndarray, metas: list[dict], path: Path, title: str) -> 
     for r in range(rows):
         for c in range(cols):
             ax = axes[r, c]
-            verdict, _ = verify(images[r, c], metas[r])
-            ax.imshow(images[r, c], interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_color("#1a9850" if verdict.strict else "#d73027")
-                spine.set_linewidth(2.5)
+            verdict = _framed_cell(ax, images[r, c], metas[r])
             ax.set_xlabel(f"{verdict.partial:.2f}", fontsize=7, labelpad=1)
             if c == 0:
                 text = metas[r]["prompt"].removeprefix("a photo of ")
@@ -94,13 +100,7 @@ def draw_comparison(images: np.ndarray, row_labels: list[str], metas: list[dict]
     for r in range(rows):
         for c in range(cols):
             ax = axes[r, c]
-            verdict, _ = verify(images[r, c], metas[c])
-            ax.imshow(images[r, c], interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_color("#1a9850" if verdict.strict else "#d73027")
-                spine.set_linewidth(2.5)
+            _framed_cell(ax, images[r, c], metas[c])
             ax.set_title(cell_text[r][c], fontsize=6, pad=2)
             if c == 0:
                 ax.set_ylabel(row_labels[r], rotation=0, ha="right", va="center", fontsize=8)
