@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # the venv's tools first for every recipe and its children: DeepSpeed builds its CPU op with the first `ninja` on
 # PATH, and a different one than the last build's forces a 2-minute rebuild
 export PATH := $(abspath $(BIN)):$(PATH)
-TORCH_PIN ?= torch==2.13.0
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 PRESET ?= toy
 ARGS ?=
 
