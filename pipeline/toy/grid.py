@@ -12,9 +12,10 @@ from .verifier import verify
 
 
 def pick_prompts(metas: list[dict], per_kind: int) -> list[dict]:
-    """The first `per_kind` distinct prompts of each kind, kinds in GenEval's order."""
+    """The first `per_kind` distinct prompts of each kind, kinds in GenEval's order, then any other tags sorted."""
     out = []
-    for kind in KINDS:
+    tags = {m["tag"] for m in metas}
+    for kind in [k for k in KINDS if k in tags] + sorted(tags - set(KINDS)):
         seen: list[str] = []
         for m in metas:
             if m["tag"] == kind and m["prompt"] not in seen:
@@ -78,10 +79,10 @@ def sample_grid(model: str, path: Path, prompts: str, *, per_kind: int = 4, seed
 
 
 def draw_comparison(images: np.ndarray, row_labels: list[str], metas: list[dict], cell_text: list[list[str]],
-                    path: Path, title: str) -> Path:
+                    path: Path, title: str, verdicts: bool = True) -> Path:
     """Models down the side (the reference first), prompts across with the same noise in each column:
-    images uint8 [rows, cols, H, W, 3]; a green or red frame for the strict verdict, `cell_text` above each
-    image, the prompt under each column."""
+    images uint8 [rows, cols, H, W, 3]; a green or red frame for the toy verifier's strict verdict (`verdicts`;
+    grey without), `cell_text` above each image, the prompt under each column."""
     import textwrap
 
     import matplotlib
@@ -94,12 +95,12 @@ def draw_comparison(images: np.ndarray, row_labels: list[str], metas: list[dict]
     for r in range(rows):
         for c in range(cols):
             ax = axes[r, c]
-            verdict, _ = verify(images[r, c], metas[c])
+            color = ("#1a9850" if verify(images[r, c], metas[c])[0].strict else "#d73027") if verdicts else "#999999"
             ax.imshow(images[r, c], interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             for spine in ax.spines.values():
-                spine.set_color("#1a9850" if verdict.strict else "#d73027")
+                spine.set_color(color)
                 spine.set_linewidth(2.5)
             ax.set_title(cell_text[r][c], fontsize=6, pad=2)
             if c == 0:
