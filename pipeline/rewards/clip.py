@@ -88,9 +88,10 @@ def _load_open_clip(reward: str, model: str, pretrained: str, model_config: str,
     try:
         clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=device)
         tokenizer = open_clip.get_tokenizer(name)
-    except RuntimeError as e:  # unknown architecture, or weights that do not fit it
-        raise GdroError(f"rollouts.rewards.{reward}: open_clip could not build {name!r} from {pretrained} "
-                        f"({str(e).splitlines()[0][:300]})") from None
+    except Exception as e:  # an unknown architecture, weights that do not fit it, a file that is no checkpoint
+        first = (str(e).splitlines() or [type(e).__name__])[0][:300]
+        raise GdroError(f"rollouts.rewards.{reward}: open_clip could not build {name!r} with the weights "
+                        f"{pretrained} ({type(e).__name__}: {first}); check .model and .pretrained") from None
     clip.eval()
     return clip, preprocess, tokenizer, torch
 

@@ -112,6 +112,25 @@ def test_aesthetic_refuses_bad_heads(tiny_open_clip, tmp_path):
         make_reward("aesthetic", base)
 
 
+def test_weights_that_do_not_fit_are_named(tiny_open_clip, tmp_path):
+    oc = tiny_open_clip
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(GdroError, match=r"rollouts.rewards.clip_score: open_clip could not build .* with the "
+                                        r"weights .*bad.pt .*check .model and .pretrained"):
+        make_reward("clip_score", {"model": oc["name"], "pretrained": str(tmp_path / "bad.pt")})
+    import json
+
+    from pipeline.backends.tiny import TINY_OPEN_CLIP
+
+    wider = {**TINY_OPEN_CLIP, "vision_cfg": {**TINY_OPEN_CLIP["vision_cfg"], "width": 48}}
+    (tmp_path / "gdro-tiny-wider.json").write_text(json.dumps(wider))
+    with pytest.raises(GdroError, match=r"could not build 'gdro-tiny-wider' with the weights .*weights.pt"):
+        make_reward("clip_score", {"model": "gdro-tiny-wider", "pretrained": str(oc["weights"]),  # another shape
+                                   "model_config": str(tmp_path / "gdro-tiny-wider.json")})
+    with pytest.raises(GdroError, match=r"could not build 'NoSuchArch'"):
+        make_reward("clip_score", {"model": "NoSuchArch", "pretrained": str(oc["weights"])})
+
+
 def test_open_clip_paths_are_checked_before_loading(tmp_path):
     with pytest.raises(GdroError, match=r"rollouts.rewards.clip_score.pretrained is not set"):
         make_reward("clip_score", {})
