@@ -15,7 +15,8 @@ Engines (`backend`), each fully offline:
   `rec_model_dir`, each holding `inference.onnx` (run on onnxruntime) or Paddle's `inference.json` /
   `inference.pdiparams`, plus PaddleX's `inference.yml`; `det_model_name` / `rec_model_name` name them
   (default PP-OCRv6_small_det / PP-OCRv6_small_rec). PaddleOCR cannot fetch models here, so both dirs are
-  required.
+  required. Such folders can be made from the ONNX files the rapidocr wheel ships (tests/rewards/test_ocr.py,
+  `paddle_model_folders`: PaddleX's inference.yml settings, the recogniser's characters from the ONNX metadata).
 - `auto` (the default): `paddleocr` when both model dirs are given, else `rapidocr`.
 
 The manifest records the engine actually used and its version (`backend`, `backend_version`), so two datasets

@@ -142,6 +142,49 @@ def test_bad_parameters_name_the_key(tmp_path):
         make_reward("ocr", {"det_model_path": str(tmp_path / "nope.onnx")})
 
 
+def paddle_model_folders(root):
+    """PaddleOCR model folders made from the ONNX models the rapidocr wheel ships: inference.onnx plus the
+    inference.yml PaddleX would write (its settings; the recogniser's characters from the ONNX file's metadata)."""
+    import os
+    import shutil
+
+    import onnxruntime as ort
+    import rapidocr
+    import yaml
+    from paddlex.modules.base.utils.pdparams2safetensors.inference_meta import build_inference_meta
+
+    models = os.path.join(os.path.dirname(rapidocr.__file__), "models")
+    out = {}
+    for kind, name, onnx in (("det", "PP-OCRv6_small_det", "PP-OCRv6_det_small.onnx"),
+                             ("rec", "PP-OCRv6_small_rec", "PP-OCRv6_rec_small.onnx")):
+        folder = root / kind
+        folder.mkdir()
+        shutil.copy(os.path.join(models, onnx), folder / "inference.onnx")
+        data = {"Global": {"model_name": name}, **build_inference_meta(name)}
+        if kind == "rec":
+            meta = ort.InferenceSession(str(folder / "inference.onnx")).get_modelmeta().custom_metadata_map
+            data.setdefault("PostProcess", {})["character_dict"] = meta["character"].split("\n")
+        (folder / "inference.yml").write_text(yaml.safe_dump(data, allow_unicode=True))
+        out[f"{kind}_model_dir"] = str(folder)
+    return out
+
+
+def test_paddleocr_with_local_onnx_model_folders(tmp_path):
+    """Runs only where `gdro[paddle]` is installed: PaddleOCR on local folders, the same rule, the engine in the
+    manifest."""
+    pytest.importorskip("paddleocr", reason="PaddleOCR is the optional extra gdro[paddle]")
+    pytest.importorskip("rapidocr", reason="the test takes its ONNX models from the rapidocr wheel")
+    from importlib.metadata import version
+
+    params = paddle_model_folders(tmp_path)
+    ident = reward_identity("ocr", params)  # auto: both folders given -> paddleocr
+    assert ident["params"]["backend"] == "paddleocr" and ident["params"]["backend_version"] == version("paddleocr")
+    images = np.stack([render("HELLO WORLD"), render("HELO WRLD"), render("")])
+    scores, info = make_reward("ocr", params).fn(images, ['a "hello world"'] * 3, None)
+    assert info["text"] == ["HELLO WORLD", "HELO WRLD", ""]
+    assert scores.tolist() == pytest.approx([1.0, 0.8, 0.0])
+
+
 def test_paddleocr_needs_local_model_folders(tmp_path):
     """Runs only where `gdro[paddle]` is installed; the folders are refused before PaddleOCR is asked."""
     pytest.importorskip("paddleocr", reason="PaddleOCR is the optional extra gdro[paddle]")
