@@ -16,13 +16,13 @@ from .test_real_backends import run_train
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = ["a cat sitting on a mat", "a red fox at dawn", "a bowl of ramen", "a lighthouse on a cliff"]
+PROMPTS = ['a sign that says "open"', 'a mug printed with "hello"', 'a neon sign "late"', 'a poster "gdro"']
 EVAL_PROMPTS = ["a polar bear in the snow", "a tiny house in a bottle", "an owl on a lantern"]
 G, MAX_LEN, GUIDANCE, SHIFT, STEPS, BASE_SEED = 4, 8, 4.5, 3.0, 2, 777
 
 
 def overrides(root: Path, oc: dict, clip: Path, run: str = "run") -> list[str]:
-    rewards = {"pickscore": {"path": str(clip)},
+    rewards = {"ocr": {}, "pickscore": {"path": str(clip)},
                "clip_score": {"model": oc["name"], "pretrained": str(oc["weights"]),
                               "model_config": str(oc["model_config"])}}
     return [f"model.path={root / 'model'}", "model.dtype=float32", "model.resolution=32",
@@ -59,6 +59,23 @@ def world(tmp_path_factory):
     assert cli(["rollouts", "--preset", "sd35_pickscore", *set_args(items)]) == 0
     run = run_train(resolve(ExperimentConfig, preset="sd35_pickscore", overrides=items))
     return {"root": root, "clip": clip, "oc": oc, "items": items, "run": run}
+
+
+def test_stage_one_scored_every_reward_and_the_manifest_names_them(world):
+    from importlib.metadata import version
+
+    import pyarrow.parquet as pq
+
+    m = json.loads((world["root"] / "dataset" / "manifest.json").read_text())
+    rewards = {r["name"]: r for r in m["rewards"]}
+    assert set(rewards) == {"ocr", "pickscore", "clip_score"}
+    assert rewards["ocr"]["params"] == {"backend": "rapidocr", "backend_version": version("rapidocr")}
+    assert rewards["clip_score"]["params"]["open_clip_version"] == version("open_clip_torch")
+    assert rewards["pickscore"]["params"]["path"] == str(world["clip"])
+    table = pq.read_table(world["root"] / "dataset" / "shards" / "000000.parquet").to_pandas()
+    assert (table["status"] == "ok").all() and len(table) == 2 * G
+    assert table["reward_ocr"].between(0, 1).all()  # tiny random images: whatever OCR reads, the rule's range
+    assert table["reward_pickscore"].nunique() > 1
 
 
 def test_eval_of_a_real_backend_with_registered_rewards(world, capsys):
