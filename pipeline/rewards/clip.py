@@ -7,6 +7,8 @@
   `open_clip_model.safetensors`, the layout of open_clip models on the hub; with it the architecture is read
   from the folder and `model` is ignored). `model_config`: an optional JSON file of your own architecture
   (open_clip's `model_configs/*.json` format; its file name without `.json` is then the `model` name).
+  `quick_gelu: true` forces QuickGELU activations, which OpenAI's CLIP weights were trained with (open_clip's
+  `-quickgelu` architectures, or its `openai` tag, set it; a `local-dir:` folder's config may not say so).
 - `aesthetic`: a head on the L2-normalised open_clip image embedding (the prompt is not looked at). `head` is a
   local file (`.pth`/`.pt` read with `torch.load(weights_only=True)`, or `.safetensors`) in the LAION aesthetic
   predictor formats: v1 (LAION-AI/aesthetic-predictor, `sa_0_4_vit_l_14_linear.pth`: one linear layer, keys
@@ -74,7 +76,8 @@ def _check_open_clip(reward: str, model: str, pretrained: str, model_config: str
         _need(reward, "model_config", model_config, "an open_clip model config JSON file")
 
 
-def _load_open_clip(reward: str, model: str, pretrained: str, model_config: str, device: str):
+def _load_open_clip(reward: str, model: str, pretrained: str, model_config: str, device: str,
+                    quick_gelu: bool = False):
     """(model, preprocess, tokenizer) of open_clip from local files only."""
     import open_clip
     import torch
@@ -86,7 +89,8 @@ def _load_open_clip(reward: str, model: str, pretrained: str, model_config: str,
     else:
         name, weights = model, pretrained
     try:
-        clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=device)
+        clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=device,
+                                                                    force_quick_gelu=bool(quick_gelu))
         tokenizer = open_clip.get_tokenizer(name)
     except Exception as e:  # an unknown architecture, weights that do not fit it, a file that is no checkpoint
         first = (str(e).splitlines() or [type(e).__name__])[0][:300]
@@ -121,12 +125,13 @@ def _image_embeds(clip, preprocess, images: np.ndarray, device: str, torch):
 
 
 @register_reward("clip_score", version="1", describe=_open_clip_describe("clip_score"))
-def clip_score(model: str = "", pretrained: str = "", model_config: str = "", batch_size: int = 32,
-               device: str = ""):
+def clip_score(model: str = "", pretrained: str = "", model_config: str = "", quick_gelu: bool = False,
+               batch_size: int = 32, device: str = ""):
     """exp(logit_scale) x cos(image, prompt) of a local open_clip model (module docstring)."""
     _check_open_clip("clip_score", model, pretrained, model_config)
     device = _pick_device(device)
-    clip, preprocess, tokenizer, torch = _load_open_clip("clip_score", model, pretrained, model_config, device)
+    clip, preprocess, tokenizer, torch = _load_open_clip("clip_score", model, pretrained, model_config, device,
+                                                         quick_gelu)
 
     @torch.no_grad()
     def fn(images, prompts, metadata):
@@ -185,15 +190,15 @@ def load_aesthetic_head(path: str, dim: int, key: str = "rollouts.rewards.aesthe
 
 
 @register_reward("aesthetic", version="1", describe=_open_clip_describe("aesthetic"))
-def aesthetic(model: str = "", pretrained: str = "", head: str = "", model_config: str = "", batch_size: int = 32,
-              device: str = ""):
+def aesthetic(model: str = "", pretrained: str = "", head: str = "", model_config: str = "", quick_gelu: bool = False,
+              batch_size: int = 32, device: str = ""):
     """A LAION aesthetic predictor head on the normalised open_clip image embedding (module docstring)."""
     _check_open_clip("aesthetic", model, pretrained, model_config)
     head_path = _need("aesthetic", "head", head, "a LAION aesthetic predictor file (.pth or .safetensors)")
     if not head_path.is_file():
         raise GdroError(f"rollouts.rewards.aesthetic.head: {head} is not a file")
     device = _pick_device(device)
-    clip, preprocess, _, torch = _load_open_clip("aesthetic", model, pretrained, model_config, device)
+    clip, preprocess, _, torch = _load_open_clip("aesthetic", model, pretrained, model_config, device, quick_gelu)
     dim = int(clip.visual.output_dim)
     mlp = load_aesthetic_head(head, dim).to(device)
 

@@ -35,12 +35,13 @@ def tiny_clip(tmp_path_factory):
     return build_tiny_clip_model(tmp_path_factory.mktemp("pickscore"))
 
 
-def open_clip_forward(oc, images, prompts):
+def open_clip_forward(oc, images, prompts, quick_gelu: bool = False):
     """exp(logit_scale) x cos from open_clip's own forward (model(image, text) normalises both sides)."""
     import open_clip
     from PIL import Image
 
-    model, _, preprocess = open_clip.create_model_and_transforms(oc["name"], pretrained=str(oc["weights"]))
+    model, _, preprocess = open_clip.create_model_and_transforms(oc["name"], pretrained=str(oc["weights"]),
+                                                                 force_quick_gelu=quick_gelu)
     model.eval()
     tok = open_clip.get_tokenizer(oc["name"])
     with torch.no_grad():
@@ -61,6 +62,18 @@ def test_clip_score_equals_the_models_forward(tiny_open_clip, images):
     assert np.ptp(scores) > 0.1  # the scores do differ between pairs
     swapped, _ = r.fn(images, PROMPTS[::-1], None)  # another prompt, another score
     assert not np.allclose(swapped, scores)
+
+
+def test_quick_gelu_is_applied(tiny_open_clip, images):
+    oc = tiny_open_clip
+    base = {"model": oc["name"], "pretrained": str(oc["weights"]), "model_config": str(oc["model_config"])}
+    plain, _ = make_reward("clip_score", base).fn(images, PROMPTS, None)
+    quick, _ = make_reward("clip_score", {**base, "quick_gelu": True}).fn(images, PROMPTS, None)
+    np.testing.assert_allclose(quick, open_clip_forward(oc, images, PROMPTS, quick_gelu=True)[0], rtol=1e-4, atol=1e-5)
+    assert np.abs(quick - plain).max() > 1e-4  # another activation, other scores
+    folder, _ = make_reward("clip_score", {"pretrained": f"local-dir:{oc['local_dir']}", "quick_gelu": True}).fn(
+        images, PROMPTS, None)
+    np.testing.assert_allclose(folder, quick, rtol=1e-6)  # also for a local-dir: folder
 
 
 def test_clip_score_from_a_local_open_clip_folder(tiny_open_clip, images):
