@@ -96,8 +96,8 @@ class RolloutsConfig:
     # {reward name: its parameters}: every image is scored by each (raw scores stored; the mix is chosen in
     # train.reward_weights). Registered: toy_geneval, toy_strict, toy_quality, toy_color_area; ocr {backend: auto |
     # rapidocr | paddleocr, min_confidence, limit_side_len, det_model_path, rec_model_path (rapidocr ONNX files),
-    # det_model_dir, rec_model_dir, det_model_name, rec_model_name (PaddleOCR folders)}; clip_score {model,
-    # pretrained (file or local-dir:<folder>), model_config, quick_gelu, batch_size, device}; aesthetic {the same + head (LAION
+    # det_model_dir, rec_model_dir, det_model_name, rec_model_name (PaddleOCR folders)}; clip_score {model, pretrained
+    # (file or local-dir:<folder>), model_config, quick_gelu, batch_size, device}; aesthetic {the same + head (LAION
     # predictor file)}; pickscore {path, processor_path, batch_size, device}; geneval {detector (module:function),
     # detector_params, score: partial | strict, threshold, counting_threshold, position_threshold}; or
     # "module:function" for your own scorer. Paths are local only; see README "Rewards" and pipeline/rewards/

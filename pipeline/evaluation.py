@@ -65,7 +65,8 @@ def score_set(images: np.ndarray, metas: list[dict], rewards=(), *, toy: bool = 
 
 
 def evaluate_backend(backend, metas: list[dict], sampler: SamplerConfig, *, base_seed: int, seeds: int,
-                     batch: int, rewards=(), toy: bool = True, progress=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                     batch: int, rewards=(), toy: bool = True,
+                     progress=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Sample every prompt line `seeds` times with the fixed noise and score every image: (images, scores)."""
     images = sample_prompt_set(backend, metas, sampler, base_seed=base_seed, seeds=seeds, batch=batch,
                                progress=progress)
