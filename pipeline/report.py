@@ -269,8 +269,9 @@ def report_blocks(summary: dict, meta: dict, figures: dict) -> list[tuple]:
     if figures.get("grids"):
         blocks += [("h", 2, "Grids"),
                    ("p", ("Same prompts, same noise in each column; the reference on top. "
-                         + ("Green frame: strict (GenEval) pass; " if figures.get("verdict_frames", True) else "")
-                         + f"numbers above each image: {figures.get('legend', '')}."))]
+                         + ("Green frame: strict (GenEval) pass; numbers" if figures.get("verdict_frames", True)
+                            else "Numbers")
+                         + f" above each image: {figures.get('legend', '')}."))]
         for label, path in figures["grids"]:
             blocks += [("h", 3, label), ("img", path, f"grid {label}")]
     blocks.append(("h", 2, "Per-kind tables"))
