@@ -108,8 +108,9 @@ def draw_comparison(images: np.ndarray, row_labels: list[str], metas: list[dict]
             if r == rows - 1:
                 text = metas[c]["prompt"].removeprefix("a photo of ")
                 ax.set_xlabel("\n".join(textwrap.wrap(text, 16)), fontsize=6, labelpad=2)
-    fig.suptitle(title, fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
+    lines = textwrap.wrap(title, max(40, int(fig.get_figwidth() * 13)))  # a narrow grid wraps its title
+    fig.suptitle("\n".join(lines), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.5 + 0.15 * (len(lines) - 1)) / fig.get_figheight()))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
