@@ -6,7 +6,9 @@ BIN := $(VENV)/bin
 # the venv's tools first for every recipe and its children: DeepSpeed builds its CPU op with the first `ninja` on
 # PATH, and a different one than the last build's forces a 2-minute rebuild
 export PATH := $(abspath $(BIN)):$(PATH)
-TORCH_PIN ?= torch==2.13.0
+# torch 2.14.1 + torchvision 0.29.1: the pair whose torchvision imports (open_clip needs it); on this machine pip takes
+# both from local disk (a CUDA build that runs on the CPU). PyPI's torchvision does not import beside the CPU torch 2.13.0.
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 PRESET ?= toy
 ARGS ?=
 
@@ -16,7 +18,7 @@ ARGS ?=
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 
-setup: $(BIN)/gdro ## create .venv and install gdro with a CPU torch (pinned, installed first)
+setup: $(BIN)/gdro ## create .venv and install gdro with the pinned torch + torchvision pair (installed first; open_clip needs torchvision)
 
 $(BIN)/gdro: pyproject.toml
 	$(PY) -m venv $(VENV)

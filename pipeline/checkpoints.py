@@ -109,17 +109,17 @@ def deepspeed_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in state.items()}
 
 
-def load_model(ref: ModelRef, backend_name: str, base: str, dtype: torch.dtype = torch.float32):
-    """A sampling backend for `ref`: a model folder as is, a DeepSpeed checkpoint as the base model's text
-    encoder (frozen in training) with the checkpoint's transformer weights."""
-    from .backends.base import load_backend
+def load_model(ref: ModelRef, cfg):
+    """A sampling backend for `ref`, through the backend registry with everything `cfg` says about the model and
+    the sampler (`backend_from_config`: backend, dtype, resolution, sequence length, guidance): a model folder as
+    is; a DeepSpeed checkpoint as the base model (`model.path`: text encoders and VAE are frozen in training)
+    with the checkpoint's transformer weights."""
+    from .backends.base import backend_from_config
 
     if ref.kind == "folder":
-        return load_backend(backend_name, str(ref.path), dtype=dtype)
-    backend = load_backend(backend_name, base)
-    backend.transformer.load_state_dict(deepspeed_state_dict(ref.path), strict=True)
-    if dtype != torch.float32:
-        backend.transformer.to(dtype)
+        return backend_from_config(cfg, str(ref.path))
+    backend = backend_from_config(cfg, cfg.model.path)
+    backend.transformer.load_state_dict(deepspeed_state_dict(ref.path), strict=True)  # copied into its dtype/device
     return backend
 
 

@@ -93,6 +93,14 @@ class RolloutsConfig:
     batch_size: int = 64  # images per forward pass, across prompts (per GPU)
     base_seed: int = 0  # seeds are sha256(base_seed, prompt_id, member)
     rewards: dict[str, dict[str, Any]] = field(default_factory=lambda: {"toy_geneval": {}, "toy_quality": {}})
+    # {reward name: its parameters}: every image is scored by each (raw scores stored; the mix is chosen in
+    # train.reward_weights). Registered: toy_geneval, toy_strict, toy_quality, toy_color_area; ocr {backend: auto |
+    # rapidocr | paddleocr, min_confidence, limit_side_len, det_model_path, rec_model_path (rapidocr ONNX files),
+    # det_model_dir, rec_model_dir, det_model_name, rec_model_name (PaddleOCR folders)}; clip_score {model, pretrained
+    # (file or local-dir:<folder>), model_config, quick_gelu, batch_size, device}; aesthetic {the same + head (LAION
+    # predictor file)}; pickscore {path, processor_path, batch_size, device}; geneval {detector (module:function),
+    # detector_params, score: partial | strict, threshold, counting_threshold, position_threshold}; or
+    # "module:function" for your own scorer. Paths are local only; see README "Rewards" and pipeline/rewards/
     ref_cache_k: int = 2  # K cached reference draws per group (t_k, noise seed); 0 disables the cache
     t_law: str = "uniform"  # law of t for the cache draws: uniform | logit_normal
     t_min: float = 0.0  # t range of the cache draws (training with the cache uses the same draws)
@@ -201,9 +209,11 @@ class EvalConfig:
     # <train.out>/best; <train.out>/export when there is none) | export (<train.out>/export only)
     out: str = ""  # report folder; "" = <train.out>/eval
     batch_size: int = 100  # images per sampling batch
-    target: str = "strict"  # the target score: strict | partial | quality | a reward named in eval.rewards
+    target: str = "strict"  # the target score: strict | partial | quality (the toy verifier's) | a reward named in
+    # eval.rewards (the only choice for sd3/flux, which have no verifier)
     out_of_domain: list[str] = field(default_factory=lambda: ["quality"])  # scores training never optimised
-    rewards: list[str] = field(default_factory=list)  # more registered rewards scored on every image (by name)
+    rewards: list[str] = field(default_factory=list)  # registered rewards scored on every image (by name), each
+    # built once with its parameters from rollouts.rewards.<name> (the same local weights; {} if not there)
     corrected_lambda: float = 1.0  # corrected score: target points per unit of relative out-of-domain loss
     corrected_horizon: float = 0.0  # corrected score: steps the out-of-domain trend is projected ahead; 0 = one
     # evaluation interval (to the next checkpoint, if the spacing stays)

@@ -28,23 +28,46 @@ def sample_prompt_set(backend, metas: list[dict], sampler: SamplerConfig, *, bas
     return np.concatenate(out)
 
 
-def score_set(images: np.ndarray, metas: list[dict], rewards: list[str] = ()) -> dict[str, np.ndarray]:
-    """Per-image scores of toy images: the verifier's strict, partial and (out-of-domain) quality, plus every
-    named reward of the registry (`pipeline.rewards`), one array each."""
+def eval_rewards(cfg) -> dict:
+    """The registered rewards `gdro eval` and training-time selection score besides the toy verifier, built
+    once: `eval.rewards`, each with its parameters from `rollouts.rewards.<name>` (the same local weights as
+    stage one; {} when stage one did not use it). For a real backend (no verifier) the target and the
+    out-of-domain scores must be among them."""
+    from .errors import GdroError
+    from .rewards import make_reward
+
+    e = cfg.eval
+    if cfg.model.backend != "toy":
+        for name, key in ((e.target, "eval.target"), *((o, "eval.out_of_domain") for o in e.out_of_domain)):
+            if name not in e.rewards:
+                raise GdroError(f"{key}: {name!r} is not scored for the {cfg.model.backend} backend (strict, partial "
+                                f"and quality are the toy world's verifier); name rewards of eval.rewards, e.g. "
+                                f"--set 'eval.rewards=[ocr, aesthetic]' --set eval.target=ocr --set "
+                                f"'eval.out_of_domain=[aesthetic]'")
+    return {name: make_reward(name, cfg.rollouts.rewards.get(name, {})) for name in e.rewards}
+
+
+def score_set(images: np.ndarray, metas: list[dict], rewards=(), *, toy: bool = True) -> dict[str, np.ndarray]:
+    """Per-image scores: with `toy`, the toy verifier's strict, partial and (out-of-domain) quality; plus every
+    reward in `rewards` (built `Reward`s by name, or names of the registry built without parameters), one array
+    each."""
     from .rewards import make_reward
     from .toy.scoring import score_images
 
-    scores = score_images(images, metas)
-    for name in rewards:
+    scores = score_images(images, metas) if toy else {}
+    built = rewards if isinstance(rewards, dict) else {name: None for name in rewards}
+    for name, reward in built.items():
         if name not in scores:
-            values, _ = make_reward(name).fn(images, [m["prompt"] for m in metas], metas)
+            reward = reward or make_reward(name)
+            values, _ = reward.fn(images, [m["prompt"] for m in metas], metas)
             scores[name] = np.asarray(values, np.float64)
     return scores
 
 
 def evaluate_backend(backend, metas: list[dict], sampler: SamplerConfig, *, base_seed: int, seeds: int,
-                     batch: int, rewards: list[str] = (), progress=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                     batch: int, rewards=(), toy: bool = True,
+                     progress=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Sample every prompt line `seeds` times with the fixed noise and score every image: (images, scores)."""
     images = sample_prompt_set(backend, metas, sampler, base_seed=base_seed, seeds=seeds, batch=batch,
                                progress=progress)
-    return images, score_set(images, [m for m in metas for _ in range(seeds)], rewards)
+    return images, score_set(images, [m for m in metas for _ in range(seeds)], rewards, toy=toy)

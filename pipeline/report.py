@@ -268,8 +268,10 @@ def report_blocks(summary: dict, meta: dict, figures: dict) -> list[tuple]:
                      f"horizon; see docs/evaluation.md."))]
     if figures.get("grids"):
         blocks += [("h", 2, "Grids"),
-                   ("p", (f"Same prompts, same noise in each column; the reference on top. Green frame: strict "
-                         f"(GenEval) pass; numbers above each image: {figures.get('legend', '')}."))]
+                   ("p", ("Same prompts, same noise in each column; the reference on top. "
+                         + ("Green frame: strict (GenEval) pass; numbers" if figures.get("verdict_frames", True)
+                            else "Numbers")
+                         + f" above each image: {figures.get('legend', '')}."))]
         for label, path in figures["grids"]:
             blocks += [("h", 3, label), ("img", path, f"grid {label}")]
     blocks.append(("h", 2, "Per-kind tables"))

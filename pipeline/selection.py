@@ -41,13 +41,15 @@ class Selector:
         self.history: list[dict] = []
         if rank != 0:
             return
-        from .backends.base import load_backend
+        from .backends.base import backend_from_config
+        from .evaluation import eval_rewards
         from .prompts import load_prompts
 
         e, t = cfg.eval, cfg.train
         self.metas = load_prompts(e.prompts)[: t.eval_num_prompts]
         self.kinds = [m["tag"] for m in self.metas]
-        self.backend = load_backend(cfg.model.backend, cfg.model.path)  # its transformer takes each policy's weights
+        self.rewards = eval_rewards(cfg)
+        self.backend = backend_from_config(cfg)  # its transformer takes each policy's weights
         self.ref = self._score()
         log = self.out / LOG
         if log.is_file():  # a resumed run: keep the evaluations up to the checkpoint it resumes from
@@ -64,7 +66,7 @@ class Selector:
 
         e = self.cfg.eval
         _, scores = evaluate_backend(self.backend, self.metas, self.cfg.sampler, base_seed=e.base_seed, seeds=1,
-                                     batch=e.batch_size, rewards=e.rewards)
+                                     batch=e.batch_size, rewards=self.rewards, toy=self.cfg.model.backend == "toy")
         return {k: float(overall(v, self.kinds)) for k, v in scores.items()}
 
     def _write(self, record: dict) -> None:

@@ -1,8 +1,9 @@
 """Recipe: evaluate a run against its reference on held-out prompts, with the same noise for every model.
 
 models (the reference, every checkpoint left in the run, the best model kept during training; or one folder,
-eval.checkpoint) -> sample every prompt line with the same seeds and score every image (the target, the
-out-of-domain scores, all the verifier's scores) -> summary (bootstrap intervals over prompts, win rates,
+eval.checkpoint; each loaded through the backend registry) -> sample every prompt line with the same seeds and
+score every image (the target, the out-of-domain scores, every reward of eval.rewards; on the toy world also all
+the verifier's scores) -> summary (bootstrap intervals over prompts, win rates,
 corrected score, hacking trend; pipeline/report.py) -> a grid per checkpoint and curves over steps ->
 <eval.out>/{results.json, report.md, report.html, curves.png, grid_*.png}. Deterministic: the same models and
 config give the same numbers (fixed noise, fixed bootstrap seed, no timestamps in results.json).
@@ -14,13 +15,12 @@ import re
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from pipeline.checkpoints import ModelRef, load_model, run_models
 from pipeline.config import ExperimentConfig, save_resolved
 from pipeline.errors import GdroError
-from pipeline.evaluation import evaluate_backend
+from pipeline.evaluation import eval_rewards, evaluate_backend
 from pipeline.prompts import load_prompts
 from pipeline.report import dump_json, plot_curves, plot_selection, report_blocks, summarise, write_report
 from pipeline.toy.grid import draw_comparison, pick_prompts
@@ -49,12 +49,14 @@ def models_to_evaluate(cfg: ExperimentConfig) -> list[ModelRef]:
 
 def draw_grids(models: list[dict], metas: list[dict], cfg: ExperimentConfig, out: Path) -> tuple[list, str]:
     """A grid per trained model (reference row against its row) and one with every model, same noise per
-    column (the first seed of each line)."""
+    column (the first seed of each line). Frames: the toy verifier's strict verdict (toy world), else none."""
     e = cfg.eval
+    toy = cfg.model.backend == "toy"
     picked = pick_prompts(metas, e.grid_per_kind)
     lines = [metas.index(m) for m in picked]
     shown = (["partial"] if e.target == "strict" else [e.target]) + e.out_of_domain[:1]
     legend = ", ".join(f"{short(n)} = {n}" for n in shown)
+    frame = "green frame = strict pass; " if toy else ""
 
     def row(mdl):
         imgs = np.stack([mdl["images"][i * e.seeds] for i in lines])
@@ -69,21 +71,21 @@ def draw_grids(models: list[dict], metas: list[dict], cfg: ExperimentConfig, out
         slug = re.sub(r"[^A-Za-z0-9]+", "_", models[k]["label"]).strip("_")
         path = draw_comparison(np.stack([rows[0][0], rows[k][0]]), ["reference", models[k]["label"]], picked,
                                [rows[0][1], rows[k][1]], out / f"grid_{slug}.png",
-                               f"{models[k]['label']} vs. reference, same noise per column ({sampler}); green "
-                               f"frame = strict pass; {legend}")
+                               f"{models[k]['label']} vs. reference, same noise per column ({sampler}); "
+                               f"{frame}{legend}", verdicts=toy)
         grids.append((models[k]["label"], path.name))
     if len(models) > 2:
         path = draw_comparison(np.stack([r[0] for r in rows]), [m["label"] for m in models], picked,
                                [r[1] for r in rows], out / "grid_all.png",
-                               f"every model, same noise per column ({sampler}); green frame = strict pass; {legend}")
+                               f"every model, same noise per column ({sampler}); {frame}{legend}", verdicts=toy)
         grids.insert(0, ("all models", path.name))
     return grids, legend
 
 
 def main(cfg: ExperimentConfig) -> dict:
     e = cfg.eval
-    if cfg.model.backend != "toy":
-        raise GdroError("gdro eval scores the toy world's verifier; evaluation of real backends arrives with issue 6")
+    toy = cfg.model.backend == "toy"
+    rewards = eval_rewards(cfg)  # refuses a target the backend cannot score, before any model loads
     refs = models_to_evaluate(cfg)
     run = Path(cfg.train.out)
     out = Path(e.out or run / "eval")
@@ -95,10 +97,10 @@ def main(cfg: ExperimentConfig) -> dict:
     # ---- sample and score every model on the same noise
     models = []
     for ref in refs:
-        backend = load_model(ref, cfg.model.backend, cfg.model.path, getattr(torch, cfg.model.dtype))
+        backend = load_model(ref, cfg)
         with tqdm(total=len(metas) * e.seeds, desc=f"eval {ref.label}", unit="img", dynamic_ncols=True) as bar:
             images, scores = evaluate_backend(backend, metas, cfg.sampler, base_seed=e.base_seed, seeds=e.seeds,
-                                              batch=e.batch_size, rewards=e.rewards, progress=bar)
+                                              batch=e.batch_size, rewards=rewards, toy=toy, progress=bar)
         models.append({"label": ref.label, "step": ref.step, "path": str(ref.path), "images": images,
                        "scores": scores})
         del backend
@@ -116,7 +118,7 @@ def main(cfg: ExperimentConfig) -> dict:
             "sampler": f"{cfg.sampler.scheduler}, {cfg.sampler.steps} steps, shift {cfg.sampler.shift:g}, "
                        f"guidance {cfg.sampler.guidance:g}"}
     figures = {"curves": curves.name if curves else None, "selection": sel_png.name if sel_png else None,
-               "grids": grids, "legend": legend}
+               "grids": grids, "legend": legend, "verdict_frames": toy}
     md, page = write_report(report_blocks(summary, meta, figures), out)
     result = {**meta, "images_per_model": len(metas) * e.seeds, **summary,
               "figures": {"curves": figures["curves"], "selection": figures["selection"],
@@ -136,10 +138,11 @@ def main(cfg: ExperimentConfig) -> dict:
     if summary["trend"]:
         print(f"trend: {summary['trend']['verdict']}")
     print(f"best by corrected score: {summary['best']}")
-    s0, s1 = ref_s["overall"]["strict"]["value"], last["overall"]["strict"]["value"]
-    w = last["win_rate"]["partial"]
-    print(f"strict accuracy {s0:.3f} -> {s1:.3f} ({s1 - s0:+.3f}); quality (out-of-domain) "
-          f"{ref_s['overall']['quality']['value']:.3f} -> {last['overall']['quality']['value']:.3f}; partial-credit "
+    O = e.out_of_domain[0]
+    s0, s1 = ref_s["overall"][T]["value"], last["overall"][T]["value"]
+    w = last["win_rate"]["partial" if toy else T]
+    print(f"{T} {s0:.3f} -> {s1:.3f} ({s1 - s0:+.3f}); {O} (out-of-domain) "
+          f"{ref_s['overall'][O]['value']:.3f} -> {last['overall'][O]['value']:.3f}; {'partial-credit' if toy else T} "
           f"win rate {w['value']:.2f} (ties {w['ties']:.2f}) [{last['label']}]")
     print(f"report: {md} and {page}")
     return result

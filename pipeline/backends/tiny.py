@@ -173,3 +173,58 @@ def build_tiny_flux(path: str | Path, *, seed: int = 0, guidance_embeds: bool = 
         text_encoder_2=te2, **tokenizers)
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+# ------------------------------------------------------------------------------ tiny reward models (CLIP family)
+TINY_OPEN_CLIP = {  # an open_clip architecture, 32 px images; the text side uses open_clip's own BPE vocabulary
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def build_tiny_open_clip(folder: str | Path, *, name: str = "gdro-tiny-clip", seed: int = 0) -> dict[str, Path]:
+    """A random open_clip model in both local layouts the `clip_score`/`aesthetic` rewards read: the config file
+    `<name>.json` (for `model_config`) with the weights `weights.pt` (for `pretrained`), and an open_clip model
+    folder `local/` (`open_clip_config.json` + `open_clip_pytorch_model.bin`, for `pretrained: local-dir:...`)."""
+    import open_clip
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / f"{name}.json"
+    config.write_text(json.dumps(TINY_OPEN_CLIP, indent=1))
+    open_clip.add_model_config(config)
+    torch.manual_seed(seed)
+    model = open_clip.create_model(name, pretrained=None)
+    weights = folder / "weights.pt"
+    torch.save(model.state_dict(), weights)
+    local = folder / "local"
+    local.mkdir(exist_ok=True)
+    (local / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_OPEN_CLIP, "preprocess_cfg": {
+        "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}}, indent=1))
+    torch.save(model.state_dict(), local / "open_clip_pytorch_model.bin")
+    return {"model_config": config, "weights": weights, "local_dir": local, "name": name}
+
+
+def build_tiny_clip_model(folder: str | Path, *, seed: int = 0) -> Path:
+    """A random transformers `CLIPModel` + `CLIPProcessor` (32 px, our tiny byte-level tokenizer) saved with
+    `save_pretrained`: the layout of a PickScore folder with its processor files beside it."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab = write_clip_tokenizer(Path(tmp))
+        tok = CLIPTokenizer.from_pretrained(tmp)
+    torch.manual_seed(seed)
+    cfg = CLIPConfig(
+        text_config={"vocab_size": vocab, "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": CLIP_MAX_LENGTH,
+                     "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                     "pad_token_id": tok.pad_token_id},
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=16)
+    CLIPModel(cfg).eval().save_pretrained(folder)
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=images, tokenizer=tok).save_pretrained(folder)
+    return folder

@@ -2,7 +2,13 @@
 ``fn(images, prompts, metadata) -> (scores, info)`` with images uint8 [N, H, W, 3], one float per image.
 
 Heavy imports live inside each factory. A user scorer is `module:function` (a factory taking the params).
-Register a new reward with `@register_reward("name", version="1")`: one function, no edits elsewhere.
+Register a new reward with `@register_reward("name", version="1")`: one function, no edits elsewhere. A
+`describe(**params) -> params` given to `register_reward` resolves what the manifest records without loading a
+model (the OCR engine actually used and its version, say). Every reward's parameters are set under
+`rollouts.rewards.<name>` and named `rollouts.rewards.<name>.<param>` in its errors.
+
+The registered rewards: `toy_*` (below), `ocr` (`ocr.py`), `clip_score`, `aesthetic`, `pickscore` (`clip.py`),
+`geneval` (`geneval.py`).
 """
 from __future__ import annotations
 
@@ -29,11 +35,14 @@ class Reward:
 
 
 _FACTORIES: dict[str, tuple[Callable[..., RewardFn], str]] = {}
+_DESCRIBE: dict[str, Callable[..., dict]] = {}
 
 
-def register_reward(name: str, *, version: str = "1"):
+def register_reward(name: str, *, version: str = "1", describe: Callable[..., dict] | None = None):
     def deco(factory):
         _FACTORIES[name] = (factory, version)
+        if describe is not None:
+            _DESCRIBE[name] = describe
         return factory
 
     return deco
@@ -46,7 +55,16 @@ def known_rewards() -> list[str]:
 def reward_identity(name: str, params: dict[str, Any] | None = None) -> dict:
     """What the manifest records of a reward, without building it (no model is loaded)."""
     factory, version = _resolve(name)
-    return {"name": name, "version": version, "params": dict(params or {})}
+    return {"name": name, "version": version, "params": _described(name, dict(params or {}))}
+
+
+def _described(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    if name not in _DESCRIBE:
+        return params
+    try:
+        return _DESCRIBE[name](**params)
+    except TypeError as e:
+        raise GdroError(f"rollouts.rewards.{name}: bad parameters {params} ({e})") from None
 
 
 def make_reward(name: str, params: dict[str, Any] | None = None) -> Reward:
@@ -56,7 +74,7 @@ def make_reward(name: str, params: dict[str, Any] | None = None) -> Reward:
         fn = factory(**params)
     except TypeError as e:
         raise GdroError(f"rollouts.rewards.{name}: bad parameters {params} ({e})") from None
-    return Reward(name, version, params, fn)
+    return Reward(name, version, _described(name, params), fn)
 
 
 def _resolve(name: str):
@@ -127,3 +145,7 @@ def toy_color_area():
         return np.array(out), {}
 
     return fn
+
+
+# the other registered rewards: their modules import nothing heavy at the top
+from . import clip, geneval, ocr  # noqa: F401

@@ -12,9 +12,10 @@ from .verifier import verify
 
 
 def pick_prompts(metas: list[dict], per_kind: int) -> list[dict]:
-    """The first `per_kind` distinct prompts of each kind, kinds in GenEval's order."""
+    """The first `per_kind` distinct prompts of each kind, kinds in GenEval's order, then any other tags sorted."""
     out = []
-    for kind in KINDS:
+    tags = {m["tag"] for m in metas}
+    for kind in [k for k in KINDS if k in tags] + sorted(tags - set(KINDS)):
         seen: list[str] = []
         for m in metas:
             if m["tag"] == kind and m["prompt"] not in seen:
@@ -25,14 +26,15 @@ def pick_prompts(metas: list[dict], per_kind: int) -> list[dict]:
     return out
 
 
-def _framed_cell(ax, image: np.ndarray, meta: dict):
-    """One grid cell: the image, no ticks, a green frame if it passes GenEval's strict rules, else red."""
-    verdict, _ = verify(image, meta)
+def _framed_cell(ax, image: np.ndarray, meta: dict | None):
+    """One grid cell: the image, no ticks, a green frame if it passes GenEval's strict rules, else red; grey
+    (and no verdict) without the prompt's metadata to judge it by."""
+    verdict = verify(image, meta)[0] if meta is not None else None
     ax.imshow(image, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
     for spine in ax.spines.values():
-        spine.set_color("#1a9850" if verdict.strict else "#d73027")
+        spine.set_color("#999999" if verdict is None else "#1a9850" if verdict.strict else "#d73027")
         spine.set_linewidth(2.5)
     return verdict
 
@@ -84,10 +86,10 @@ def sample_grid(model: str, path: Path, prompts: str, *, per_kind: int = 4, seed
 
 
 def draw_comparison(images: np.ndarray, row_labels: list[str], metas: list[dict], cell_text: list[list[str]],
-                    path: Path, title: str) -> Path:
+                    path: Path, title: str, verdicts: bool = True) -> Path:
     """Models down the side (the reference first), prompts across with the same noise in each column:
-    images uint8 [rows, cols, H, W, 3]; a green or red frame for the strict verdict, `cell_text` above each
-    image, the prompt under each column."""
+    images uint8 [rows, cols, H, W, 3]; a green or red frame for the toy verifier's strict verdict (`verdicts`;
+    grey without), `cell_text` above each image, the prompt under each column."""
     import textwrap
 
     import matplotlib
@@ -100,15 +102,16 @@ def draw_comparison(images: np.ndarray, row_labels: list[str], metas: list[dict]
     for r in range(rows):
         for c in range(cols):
             ax = axes[r, c]
-            _framed_cell(ax, images[r, c], metas[c])
+            _framed_cell(ax, images[r, c], metas[c] if verdicts else None)
             ax.set_title(cell_text[r][c], fontsize=6, pad=2)
             if c == 0:
                 ax.set_ylabel(row_labels[r], rotation=0, ha="right", va="center", fontsize=8)
             if r == rows - 1:
                 text = metas[c]["prompt"].removeprefix("a photo of ")
                 ax.set_xlabel("\n".join(textwrap.wrap(text, 16)), fontsize=6, labelpad=2)
-    fig.suptitle(title, fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
+    lines = textwrap.wrap(title, max(40, int(fig.get_figwidth() * 13)))  # a narrow grid wraps its title
+    fig.suptitle("\n".join(lines), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.5 + 0.15 * (len(lines) - 1)) / fig.get_figheight()))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -40,6 +40,7 @@ class Detection:
     area: int
     iou: float  # best template IoU
     purity: float  # mean colour purity of its pixels
+    box: tuple[float, float, float, float] | None = None  # x0, y0, x1, y1 (a plug-in detector's, for `geneval`)
 
 
 @dataclass
@@ -120,14 +121,17 @@ def _relation_holds(rel: str, obj: Detection, ref: Detection) -> bool:
             "above": dy < -REL_MARGIN, "below": dy > REL_MARGIN}[rel]
 
 
-def judge(dets: list[Detection], meta: dict) -> Verdict:
-    """GenEval's rules (strict) and our partial credit for one parsed image and its metadata.
+def judge(dets: list[Detection], meta: dict, relation=None) -> Verdict:
+    """GenEval's rules (strict) and our partial credit for one parsed image and its metadata. The `geneval`
+    reward (pipeline/rewards/geneval.py) runs this same function on a plug-in detector's boxes, with GenEval's
+    box-based `relation(rel, obj, ref)`; the toy world compares centres (`_relation_holds`).
 
     Partial credit per included group, averaged: counting (with ``exclude``) 1 - min(|found - n|, n) / n;
     otherwise the share of the ``count`` found, and for a colour 1 if enough carry it, 0.5 if the class is there
     in another colour; for a position 1 if the relation holds, 0.5 if the object is there but misplaced or its
     reference is missing.
     """
+    relation = relation or _relation_holds
     by_class: dict[str, list[Detection]] = {}
     for d in dets:
         if d.shape is not None:
@@ -159,7 +163,7 @@ def judge(dets: list[Detection], meta: dict) -> Verdict:
         if "position" in req:
             rel, target = req["position"]
             ref = groups[target]
-            ok = ref is not None and any(all(_relation_holds(rel, o, t) for t in ref) for o in found)
+            ok = ref is not None and any(all(relation(rel, o, t) for t in ref) for o in found)
             if not ok:
                 failures.append(f"{cls}: not {rel} {meta['include'][target]['class']}")
                 scores[-1] = 0.5

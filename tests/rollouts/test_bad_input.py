@@ -31,7 +31,7 @@ def test_a_bad_line_is_named_by_its_number(tmp_path):
     with pytest.raises(GdroError, match=r"p.jsonl:2: not valid JSON"):
         load_prompts(f)
     f.write_text('{"prompt": "a photo of a circle"}\n\n{"text": "no prompt field"}\n')
-    with pytest.raises(GdroError, match=r"p.jsonl:3: each line needs a string field 'prompt'"):
+    with pytest.raises(GdroError, match=r"p.jsonl:3: each line needs a non-empty string field 'prompt'"):
         load_prompts(f)
 
 
