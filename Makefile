@@ -13,7 +13,7 @@ PRESET ?= toy
 ARGS ?=
 
 .PHONY: help setup lint test test-fast rollouts train eval bench toy-base toy-samples prompts clean \
-	slurm-rollouts slurm-train slurm-eval slurm-all slurm-up slurm-down
+	slurm-rollouts slurm-train slurm-eval slurm-all slurm-up slurm-down hack-demo
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -44,6 +44,11 @@ train: setup ## stage two: DeepSpeed training from the shards
 
 eval: setup ## evaluate a trained run against the reference
 	$(BIN)/gdro eval --preset $(PRESET) $(ARGS)
+
+hack-demo: setup ## reward hacking, caught (docs/evaluation.md): rollouts -> train -> eval of preset toy_hack, ~10 min
+	OMP_NUM_THREADS=1 $(BIN)/gdro rollouts --preset toy_hack $(ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/gdro train --preset toy_hack $(ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/gdro eval --preset toy_hack $(ARGS)
 
 slurm-rollouts: setup ## submit stage one to Slurm as an array job (gdro submit rollouts; --dry-run via ARGS)
 	$(BIN)/gdro submit rollouts --preset $(PRESET) $(ARGS)

@@ -129,9 +129,9 @@ def toy_quality():
 
 @register_reward("toy_color_area", version="1")
 def toy_color_area():
-    """DELIBERATELY EXPLOITABLE, for the reward-hacking demonstration (docs/reward_hacking.md): the share of
-    pixels whose nearest palette colour is one the prompt names (any palette colour if it names none). A model
-    pleases it by painting larger blobs of the right colours, whatever their shape or number."""
+    """DELIBERATELY EXPLOITABLE, for the reward-hacking demonstration (`make hack-demo`, docs/evaluation.md):
+    the share of pixels whose nearest palette colour is one the prompt names (any palette colour if it names
+    none). A model pleases it by painting larger blobs of the right colours, whatever their shape or number."""
     from ..toy.verifier import _COLOR_NAMES, _COLOR_RGB
 
     def fn(images, prompts, metadata):

@@ -117,3 +117,52 @@ def test_default_horizon_is_one_evaluation_interval():
     assert r["slope"] == pytest.approx([-0.002, -0.002])
     assert r["projected"] == pytest.approx([0.1, 0.3])
     assert r["corrected"] == pytest.approx([-0.1, -0.5])
+
+
+def _synthetic_run(target_step: float, quality_drop: list[float], lines_per_kind: int = 20, seed: int = 0):
+    """A reference and checkpoints at 100..400 on 6 kinds x `lines_per_kind` lines, one image each: the
+    target rises by `target_step` per checkpoint, quality falls by quality_drop[k] (of a reference 0.5), both
+    with per-image noise; strict (0/1) falls with quality. The models `summarise` takes."""
+    from pipeline.toy.scoring import KINDS
+
+    rng = np.random.default_rng(seed)
+    kinds = [k for k in KINDS for _ in range(lines_per_kind)]
+    n = len(kinds)
+    models = []
+    for k, drop in enumerate([0.0, *quality_drop]):
+        target = 0.1 + target_step * k + rng.normal(0, 0.02, n)
+        quality = 0.5 - drop + rng.normal(0, 0.02, n)
+        strict = (np.arange(n) % 10 < round(8 * (0.5 - drop))).astype(float)  # 0.4 of the lines at drop 0
+        models.append({"label": "reference" if k == 0 else f"step_{100 * k}", "step": 100 * k, "path": "-",
+                       "scores": {"toy_color_area": target, "quality": quality, "strict": strict}})
+    return models, kinds
+
+
+def test_summarise_calls_a_rising_target_with_a_falling_quality_reward_hacking():
+    """The mechanism of the hacking demonstration (docs/evaluation.md, "Reward hacking, caught") on made-up
+    scores: the target keeps rising, quality falls faster and faster -> verdict 'reward hacking', the corrected
+    score peaks early and turns down (significantly below its peak at the end), the best model is the early one.
+    The control: the same target gains with quality unchanged -> 'improvement', corrected = gain."""
+    from pipeline.config import EvalConfig
+    from pipeline.report import summarise
+
+    e = EvalConfig(target="toy_color_area", rewards=["toy_color_area"], out_of_domain=["quality", "strict"],
+                   bootstrap=300)
+    models, kinds = _synthetic_run(0.05, [0.0, 0.05, 0.15, 0.3])
+    s = summarise(models, kinds, 1, e)
+    trained = s["models"][1:]
+    gain = [m["gain"]["value"] for m in trained]
+    corr = [m["corrected"]["value"] for m in trained]
+    assert np.all(np.diff(gain) > 0) and trained[-1]["gain"]["ci"][0] > 0
+    assert s["trend"]["verdict"].startswith("reward hacking")
+    assert s["trend"]["target_per_1000"]["ci"][0] > 0 > s["trend"]["out_of_domain_rel_per_1000"]["ci"][1]
+    assert int(np.argmax(corr)) <= 1 and corr[-1] < 0 and trained[-1]["corrected"]["ci"][1] < max(corr)
+    assert s["best"] == trained[int(np.argmax(corr))]["label"]
+
+    models, kinds = _synthetic_run(0.05, [0.0, 0.0, 0.0, 0.0])
+    s = summarise(models, kinds, 1, e)
+    assert s["trend"]["verdict"].startswith("improvement")
+    trained = s["models"][1:]
+    assert s["best"] == trained[-1]["label"]
+    for m in trained:  # only noise-sized out-of-domain losses: corrected within a few points of the gain
+        assert m["corrected"]["value"] == pytest.approx(m["gain"]["value"], abs=0.05)
