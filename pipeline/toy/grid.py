@@ -98,7 +98,10 @@ def draw_comparison(images: np.ndarray, row_labels: list[str], metas: list[dict]
     import matplotlib.pyplot as plt
 
     rows, cols = images.shape[:2]
-    fig, axes = plt.subplots(rows, cols, figsize=(1.05 * cols + 1.6, 1.2 * rows + 0.9), squeeze=False)
+    # constrained layout leaves room for every cell's title and the prompts under the last row (tight_layout
+    # let a row's titles overlap the row above once the square images had shrunk to fit the width)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.05 * cols + 1.6, 1.25 * rows + 1.0), squeeze=False,
+                             layout="constrained")
     for r in range(rows):
         for c in range(cols):
             ax = axes[r, c]
@@ -111,7 +114,6 @@ def draw_comparison(images: np.ndarray, row_labels: list[str], metas: list[dict]
                 ax.set_xlabel("\n".join(textwrap.wrap(text, 16)), fontsize=6, labelpad=2)
     lines = textwrap.wrap(title, max(40, int(fig.get_figwidth() * 13)))  # a narrow grid wraps its title
     fig.suptitle("\n".join(lines), fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 1 - (0.5 + 0.15 * (len(lines) - 1)) / fig.get_figheight()))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
