@@ -6,12 +6,11 @@ steps with checkpoints at 2 and 4. Sampling uses 2 Euler steps and 12 prompt lin
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
+from gdro_testing import run_train, transformer_weights
 
 pytestmark = pytest.mark.slow
 
@@ -42,27 +41,6 @@ def make_cfg(model, root: Path, run: str, *overrides):
         "eval.grid_per_kind=1", *overrides])
 
 
-def run_train(cfg) -> Path:
-    """stages.train.main in-process, restoring the signal handlers and environment it changes."""
-    from stages.train import main
-
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR2)}
-    env = dict(os.environ)
-    try:
-        return main(cfg)
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-        os.environ.clear()
-        os.environ.update(env)
-
-
-def export_weights(run: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(run / "export" / "transformer" / "diffusion_pytorch_model.safetensors"))
-
-
 @pytest.fixture(scope="module")
 def runs(tiny_toy_model, tmp_path_factory):
     from stages.rollouts import main as rollouts
@@ -91,12 +69,12 @@ def test_checkpoint_weights_equal_the_export(runs):
     assert [(r.label, r.step, r.kind) for r in refs] == [("step 2", 2, "deepspeed"), ("step 4", 4, "deepspeed")]
     for name in ("full", "lora"):
         ck = max((runs[name] / "checkpoints").glob("step_*"))
-        got, want = deepspeed_state_dict(ck), export_weights(runs[name])
+        got, want = deepspeed_state_dict(ck), transformer_weights(runs[name] / "export")
         assert got.keys() == want.keys()
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
     first = deepspeed_state_dict(runs["full"] / "checkpoints" / "step_0000002")
-    assert any(not torch.equal(first[k], export_weights(runs["full"])[k]) for k in first)  # step 2 != step 4
+    assert any(not torch.equal(first[k], transformer_weights(runs["full"] / "export")[k]) for k in first)  # step 2 != step 4
 
 
 def test_eval_writes_the_report_and_is_deterministic(runs):

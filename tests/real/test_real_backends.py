@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from gdro_testing import run_train, transformer_weights
 
 pytestmark = pytest.mark.slow
 
@@ -57,27 +56,6 @@ def make_cfg(kind: str, model: Path, root: Path, run: str = "unused", *overrides
         f'rollouts.rewards={{"{REWARD}": {{}}}}', f"train.dataset={root / 'dataset'}", f"train.out={root / run}",
         f'train.reward_weights={{"{REWARD}": 1.0}}', "train.groups_per_step=2", "train.steps=2", "train.save_every=2",
         "train.num_workers=0", "train.lora_rank=4", "train.lora_alpha=4", "train.beta=50", *overrides])
-
-
-def run_train(cfg) -> Path:
-    """stages.train.main in-process, leaving signal handlers and the environment as they were."""
-    from stages.train import main
-
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR2)}
-    env = dict(os.environ)
-    try:
-        return main(cfg)
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-        os.environ.clear()
-        os.environ.update(env)
-
-
-def transformer_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
 
 
 def diffusers_images(kind: str, folder: Path, lora: Path | None = None) -> np.ndarray:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from .test_real_backends import run_train
+from gdro_testing import run_train
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
+from gdro_testing import transformer_weights
 
 from .conftest import build_dataset, cli_env, read_metrics, train_command
 
@@ -61,12 +61,6 @@ def run(args: list[str], log: Path) -> None:
     p = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=cli_env(), timeout=600, check=False)
     log.write_bytes(p.stdout)
     assert p.returncode == 0, p.stdout.decode(errors="replace")[-4000:]
-
-
-def weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(model_dir / "transformer" / "diffusion_pytorch_model.safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +112,7 @@ def test_two_ranks_train_like_one_process(zero_stage, one_process, dataset, tiny
     print(f"ZeRO-{zero_stage}: max relative loss difference {max(diffs):.2e}")
     assert one[-1]["loss"] < 0.5 * one[0]["loss"]  # the compared curves do move
     # the exported weights (ZeRO-3: gathered from both ranks' partitions) moved the same way
-    w0, w1, w2 = weights(Path(tiny_toy_model)), weights(one_process / "export"), weights(out / "export")
+    w0, w1, w2 = (transformer_weights(p) for p in (Path(tiny_toy_model), one_process / "export", out / "export"))
     assert w1.keys() == w2.keys()
     moved = sum(float((w1[k] - w0[k]).pow(2).sum()) for k in w1) ** 0.5
     apart = sum(float((w1[k] - w2[k]).pow(2).sum()) for k in w1) ** 0.5

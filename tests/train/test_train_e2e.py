@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from gdro_testing import run_train, transformer_weights
 
 from pipeline.errors import GdroError
 
@@ -52,29 +53,8 @@ def make_cfg(model, dataset, out=None, *overrides):
         "train.warmup_steps=1", "train.beta=500", *overrides])
 
 
-def run_train(cfg, **kwargs) -> Path:
-    """stages.train.main in-process, leaving the test process as it found it (signal handlers, environment)."""
-    from stages.train import main
-
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR2)}
-    env = dict(os.environ)
-    try:
-        return main(cfg, **kwargs)
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-        os.environ.clear()
-        os.environ.update(env)
-
-
 def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
 
 
 def differs(a: dict, b: dict) -> bool:
@@ -151,7 +131,7 @@ def dgpo_run(datasets, tiny_toy_model):
     """DGPO with the cached reference: 4 steps (checkpoints at 2 and 4), then the same run extended to 6."""
     out = datasets["root"] / "run_dgpo"
     first = run_train(make_cfg(tiny_toy_model, datasets["cached"], out, "train.steps=4", "train.save_every=2"))
-    after_4 = {"metrics": metrics(out), "weights": state_dict(out / "export"),
+    after_4 = {"metrics": metrics(out), "weights": transformer_weights(out / "export"),
                "config": (out / "config.json").read_text()}
     second = run_train(make_cfg(tiny_toy_model, datasets["cached"], out, "train.steps=6", "train.save_every=2"))
     assert first == second == out
@@ -190,7 +170,7 @@ def test_resume_continues_without_repeating_steps(dgpo_run):
     recs = metrics(out)
     assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
     assert recs[:4] == dgpo_run["after_4"]["metrics"]  # the first run's lines are untouched
-    assert differs(state_dict(out / "export"), dgpo_run["after_4"]["weights"])  # steps 5-6 trained further
+    assert differs(transformer_weights(out / "export"), dgpo_run["after_4"]["weights"])  # steps 5-6 trained further
 
 
 def test_resumed_losses_equal_an_uninterrupted_run(dgpo_run, datasets, tiny_toy_model):
@@ -273,7 +253,7 @@ def test_lora_live_reference_and_merged_export(datasets, tiny_toy_model):
     assert lora_file.is_file()
     lora = load_file(str(lora_file))
     assert lora and all("lora_A" in k or "lora_B" in k for k in lora)
-    merged, base = state_dict(out / "export"), state_dict(Path(tiny_toy_model))
+    merged, base = transformer_weights(out / "export"), transformer_weights(Path(tiny_toy_model))
     assert merged.keys() == base.keys() and differs(merged, base)
     checked = 0
     for ka in [k for k in lora if ".lora_A." in k]:
@@ -295,7 +275,7 @@ def test_copy_reference_with_kl(datasets, tiny_toy_model):
     assert recs[0]["rho_mean"] == 0.0 and recs[0]["kl"] == 0.0  # the copy is the policy at step 0
     assert recs[1]["kl"] > 0.0 and math.isfinite(recs[1]["loss"])
     assert (out / "export" / "transformer").is_dir()
-    assert differs(state_dict(out / "export"), state_dict(Path(tiny_toy_model)))
+    assert differs(transformer_weights(out / "export"), transformer_weights(Path(tiny_toy_model)))
 
 
 # ------------------------------------------------------------------------------------------- refusals
