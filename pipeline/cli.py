@@ -269,11 +269,12 @@ def toy_samples(model, out, prompts, per_kind, seeds, steps, guidance):
 @click.option("--limit", default=0, help="Only the first N prompt lines (0 = all).")
 def toy_score(model, prompts, steps, guidance, limit):
     """Sample one image per test prompt line and print the verifier's per-kind table."""
+    from stages.toy_pretrain import evaluate
+
     from .backends.toy import ToyBackend
     from .prompts import load_prompts
     from .sampling import SamplerConfig
     from .toy.scoring import format_table
-    from stages.toy_pretrain import evaluate
 
     metas = load_prompts(prompts)
     metas = metas[:limit] if limit else metas

@@ -462,5 +462,19 @@ def save_resolved(cfg, path: Path) -> None:
     Path(path).write_text(json.dumps(to_dict(cfg), indent=1, sort_keys=False) + "\n")
 
 
-__all__ = ["ExperimentConfig", "RolloutsConfig", "TrainConfig", "ModelConfig", "SamplerConfig", "ToyPretrainConfig", "resolve", "from_dict", "dump", "save_resolved",
-           "apply_overrides", "parse_override", "preset_names", "field"]
+__all__ = [
+    "ExperimentConfig",
+    "ModelConfig",
+    "RolloutsConfig",
+    "SamplerConfig",
+    "ToyPretrainConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "dump",
+    "field",
+    "from_dict",
+    "parse_override",
+    "preset_names",
+    "resolve",
+    "save_resolved",
+]

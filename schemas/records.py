@@ -40,7 +40,7 @@ class GroupRecord:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, obj: dict, where: str) -> "GroupRecord":
+    def from_json(cls, obj: dict, where: str) -> GroupRecord:
         if not isinstance(obj, dict):
             raise ShardError(f"{where}: json member is not an object")
         version = obj.get("schema_version")
@@ -129,7 +129,7 @@ class ShardStats:
     schema_version: int = SCHEMA_VERSION
 
     @classmethod
-    def load(cls, path: Path) -> "ShardStats":
+    def load(cls, path: Path) -> ShardStats:
         try:
             obj = json.loads(Path(path).read_text())
             return cls(**obj)

@@ -21,11 +21,11 @@ from pipeline.backends.toy import TextEncoderConfig, ToyBackend, ToyTextEncoder,
 from pipeline.config import ToyPretrainConfig, save_resolved
 from pipeline.evaluation import sample_prompt_set
 from pipeline.flow import sample_t
+from pipeline.prompts import load_prompts
 from pipeline.sampling import SamplerConfig
 from pipeline.toy.prompts import KINDS, all_prompts, sample_scene
 from pipeline.toy.scoring import format_table, kind_table, score_images
 from pipeline.toy.world import render, to_unit
-from pipeline.prompts import load_prompts
 
 
 def _batch(rng: np.random.Generator, by_kind: dict[str, list[dict]], n: int, dropout: float):

@@ -1,8 +1,15 @@
 """Config validation: unknown keys, wrong types and impossible values are errors that name the key."""
 import pytest
 
-from pipeline.config import (ExperimentConfig, ToyPretrainConfig, apply_overrides, from_dict, parse_override,
-                             preset_names, resolve)
+from pipeline.config import (
+    ExperimentConfig,
+    ToyPretrainConfig,
+    apply_overrides,
+    from_dict,
+    parse_override,
+    preset_names,
+    resolve,
+)
 from pipeline.errors import GdroError
 
 

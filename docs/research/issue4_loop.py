@@ -13,16 +13,16 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from pipeline.backends.base import Conditioning, transformer_velocity  # noqa: E402
-from pipeline.backends.toy import ToyBackend  # noqa: E402
-from pipeline.data import _to_item, shard_urls  # noqa: E402
-from pipeline.evaluation import evaluate_backend  # noqa: E402
-from pipeline.flow import flow_errors  # noqa: E402
-from pipeline.losses import group_loss  # noqa: E402
-from pipeline.prompts import load_prompts  # noqa: E402
-from pipeline.sampling import SamplerConfig  # noqa: E402
-from pipeline.toy.scoring import kind_table  # noqa: E402
-from schemas.manifest import iter_tar_groups  # noqa: E402
+from pipeline.backends.base import Conditioning, transformer_velocity
+from pipeline.backends.toy import ToyBackend
+from pipeline.data import _to_item, shard_urls
+from pipeline.evaluation import evaluate_backend
+from pipeline.flow import flow_errors
+from pipeline.losses import group_loss
+from pipeline.prompts import load_prompts
+from pipeline.sampling import SamplerConfig
+from pipeline.toy.scoring import kind_table
+from schemas.manifest import iter_tar_groups
 
 p = argparse.ArgumentParser()
 p.add_argument("--data", default="datasets/toy")

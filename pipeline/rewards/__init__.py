@@ -13,8 +13,9 @@ The registered rewards: `toy_*` (below), `ocr` (`ocr.py`), `clip_score`, `aesthe
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

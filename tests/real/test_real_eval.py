@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from gdro_testing import run_train
 
 pytestmark = pytest.mark.slow

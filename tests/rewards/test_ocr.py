@@ -16,7 +16,7 @@ from pipeline.rewards.ocr import levenshtein, ocr_score, ocr_target
 
 def brute_levenshtein(a: str, b: str) -> int:
     """The textbook recursive definition, memoised: no two-row trick, no shared code with the module."""
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def d(i: int, j: int) -> int:
         if i == 0 or j == 0:
             return i + j

@@ -105,9 +105,9 @@ def _check_no_partial_final_file(root: Path, moment: str) -> dict:
 
 @pytest.mark.slow
 def test_sigkill_at_any_moment_then_restart_gives_identical_bytes(tiny_toy_model, tmp_path):
-    from .conftest import run
-
     from pipeline.config import ExperimentConfig, resolve
+
+    from .conftest import run
 
     root = tmp_path / "killed"
     rng = random.Random()

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-import stages.rollouts as rollouts
 from pipeline.errors import GdroError
+from stages import rollouts
 
 from .conftest import copy_dataset, make_cfg, run, shard_files
 

@@ -12,8 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.toy.prompts import (KINDS, NUMBERS, RELATIONS, all_prompts, balanced_list, enumerate_kind,
-                                  split_pools, write_prompt_files)
+from pipeline.toy.prompts import (
+    KINDS,
+    NUMBERS,
+    RELATIONS,
+    all_prompts,
+    balanced_list,
+    enumerate_kind,
+    split_pools,
+    write_prompt_files,
+)
 from pipeline.toy.world import COLORS, PLURALS, SHAPES
 
 PROMPTS_DIR = Path(__file__).resolve().parents[2] / "prompts"
