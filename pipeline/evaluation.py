@@ -47,25 +47,22 @@ def eval_rewards(cfg) -> dict:
     return {name: make_reward(name, cfg.rollouts.rewards.get(name, {})) for name in e.rewards}
 
 
-def score_set(images: np.ndarray, metas: list[dict], rewards=(), *, toy: bool = True) -> dict[str, np.ndarray]:
+def score_set(images: np.ndarray, metas: list[dict], rewards: dict | None = None, *,
+              toy: bool = True) -> dict[str, np.ndarray]:
     """Per-image scores: with `toy`, the toy verifier's strict, partial and (out-of-domain) quality; plus every
-    reward in `rewards` (built `Reward`s by name, or names of the registry built without parameters), one array
-    each."""
-    from .rewards import make_reward
+    built reward in `rewards` ({name: Reward}, from `eval_rewards`), one array each."""
     from .toy.scoring import score_images
 
     scores = score_images(images, metas) if toy else {}
-    built = rewards if isinstance(rewards, dict) else {name: None for name in rewards}
-    for name, reward in built.items():
+    for name, reward in (rewards or {}).items():
         if name not in scores:
-            reward = reward or make_reward(name)
             values, _ = reward.fn(images, [m["prompt"] for m in metas], metas)
             scores[name] = np.asarray(values, np.float64)
     return scores
 
 
 def evaluate_backend(backend, metas: list[dict], sampler: SamplerConfig, *, base_seed: int, seeds: int,
-                     batch: int, rewards=(), toy: bool = True,
+                     batch: int, rewards: dict | None = None, toy: bool = True,
                      progress=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Sample every prompt line `seeds` times with the fixed noise and score every image: (images, scores)."""
     images = sample_prompt_set(backend, metas, sampler, base_seed=base_seed, seeds=seeds, batch=batch,
