@@ -1,6 +1,8 @@
 """Plain-torch research loop behind the README rows marked "loop" (issue 4; not product code): the toy model, a
 live frozen reference, fresh (t, eps) draws per group, optional EMA of the weights and an A+-weighted flow-matching
-term; evaluates on the first --eval_n test lines at eval.base_seed 777 like `gdro eval`. Run from the repo root:
+term. The model, dataset, test prompts, eval seed and sampler come from a preset's config (`--preset`, toy by
+default; `--set` overrides as in the CLI); evaluates on the first --eval_n test lines like `gdro eval`. Run from
+the repo root:
   OMP_NUM_THREADS=1 .venv/bin/python docs/research/issue4_loop.py --lr 5e-5 --ema 0.99 --tmin 0.5 --scope batch"""
 import argparse
 import copy
@@ -15,17 +17,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from pipeline.backends.base import Conditioning, transformer_velocity
 from pipeline.backends.toy import ToyBackend
+from pipeline.config import ExperimentConfig, resolve
 from pipeline.data import _to_item, shard_urls
 from pipeline.evaluation import evaluate_backend
 from pipeline.flow import flow_errors
 from pipeline.losses import group_loss
 from pipeline.prompts import load_prompts
-from pipeline.sampling import SamplerConfig
 from pipeline.toy.scoring import kind_table
 from schemas.manifest import iter_tar_groups
 
 p = argparse.ArgumentParser()
-p.add_argument("--data", default="datasets/toy")
+p.add_argument("--preset", default="toy")
+p.add_argument("--set", dest="overrides", action="append", default=[])  # section.key=value, as in the CLI
 p.add_argument("--weights", default='{"toy_geneval": 1.0}')
 p.add_argument("--loss", default="dgpo")
 p.add_argument("--beta", type=float, default=500)
@@ -48,21 +51,22 @@ a = p.parse_args()
 
 torch.manual_seed(a.seed)
 weights = json.loads(a.weights)
-_, urls = shard_urls(Path(a.data))
+cfg = resolve(ExperimentConfig, preset=a.preset, overrides=tuple(a.overrides))
+_, urls = shard_urls(Path(cfg.train.dataset))
 items = []
 for u in urls:
     for key, raw in iter_tar_groups(Path(u)):
         items.append(_to_item({"__key__": key, "__url__": u, **raw}, weights))
 print(f"{len(items)} groups", flush=True)
 
-base = ToyBackend.from_pretrained("models/toy-base")
+base = ToyBackend.from_pretrained(cfg.model.path)
 policy = base.transformer
 policy.train()
 ref = copy.deepcopy(policy).eval().requires_grad_(False)
 ema = copy.deepcopy(policy).eval().requires_grad_(False) if a.ema else None
 opt = torch.optim.AdamW(policy.parameters(), lr=a.lr, weight_decay=0.0)
-metas = load_prompts("prompts/toy_test.jsonl")[: a.eval_n]
-sampler = SamplerConfig(steps=16, guidance=1.0)
+metas = load_prompts(cfg.eval.prompts)[: a.eval_n]
+sampler = cfg.sampler
 
 
 def vel(module):
@@ -73,7 +77,7 @@ def evaluate(step):
     m = ema if ema is not None else policy
     be = ToyBackend(m, base.text_encoder)
     m.eval()
-    _, scores = evaluate_backend(be, metas, sampler, base_seed=777, seeds=1, batch=100)
+    _, scores = evaluate_backend(be, metas, sampler, base_seed=cfg.eval.base_seed, seeds=1, batch=cfg.eval.batch_size)
     policy.train()
     tab = kind_table({k: scores[k] for k in ("strict", "partial", "quality")}, [m["tag"] for m in metas])
     res = {k: tab[k]["overall"] for k in tab}
