@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from .distributed import shutdown_distributed
 from .errors import GdroError
 
 CONFIG_OPTIONS = [
@@ -181,7 +182,10 @@ def train(preset, files, overrides, resume):
     cfg = _experiment(preset, files, overrides, show=os.environ.get("RANK", "0") == "0")
     from stages.train import main as run
 
-    run(cfg, resume=resume)
+    try:
+        run(cfg, resume=resume)
+    finally:  # this process exits next: tear the process group down while Python is fully alive
+        shutdown_distributed()
 
 
 @cli.command("eval")
@@ -204,7 +208,10 @@ def bench(preset, files, overrides, out, repeats):
     cfg = _experiment(preset, files, overrides, show=False)
     from stages.bench import main as run
 
-    run(cfg, out=Path(out), repeats=repeats)
+    try:
+        run(cfg, out=Path(out), repeats=repeats)
+    finally:
+        shutdown_distributed()
 
 
 # ------------------------------------------------------------------------------------------------ toy world

@@ -60,6 +60,16 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
     return rank, world, local, device
 
 
+def shutdown_distributed() -> None:
+    """Destroy the process group before the interpreter exits. Without it, gloo's worker threads can still hold
+    work objects when Python finalises, and a rank dies with SIGABRT ("terminate called without an active
+    exception") after a run that succeeded. A no-op when no group is up; local, not a collective."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def print0(*args, **kwargs) -> None:
     """print on rank 0 only (keeps rank checks out of recipes)."""
     if os.environ.get("RANK", "0") == "0":

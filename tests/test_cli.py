@@ -43,3 +43,33 @@ def test_missing_weights_file(tiny_toy_model, tmp_path):
     r = run("toy", "score", "--model", str(broken), "--limit", "2")
     assert r.returncode == 2 and "lacks transformer/diffusion_pytorch_model.safetensors" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+
+TEARDOWN_PROBE = """
+import sys
+import torch.distributed as dist
+import stages.train
+from pipeline.cli import main
+
+def fake_train(cfg, resume=None):  # stands in for a run: brings a gloo group up, then returns or raises
+    dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+    if sys.argv[2] == "fail":
+        raise RuntimeError("a rank failed")
+
+stages.train.main = fake_train
+try:
+    main(["train"])
+except RuntimeError:
+    pass
+print("group left up:", dist.is_initialized())
+"""
+
+
+@pytest.mark.parametrize("outcome", ["ok", "fail"])
+def test_train_tears_down_the_process_group(outcome, tmp_path):
+    """`gdro train` destroys the process group before its process exits, on success and on error: a gloo group
+    left to interpreter finalisation can abort a rank with SIGABRT after a run that succeeded (seen in CI)."""
+    r = subprocess.run([sys.executable, "-c", TEARDOWN_PROBE, str(tmp_path / "store"), outcome], capture_output=True,
+                       text=True, timeout=120)
+    assert "group left up: False" in r.stdout, r.stdout + r.stderr
