@@ -7,7 +7,6 @@ from pathlib import Path
 
 import click
 
-from .distributed import shutdown_distributed
 from .errors import GdroError
 
 CONFIG_OPTIONS = [
@@ -182,10 +181,7 @@ def train(preset, files, overrides, resume):
     cfg = _experiment(preset, files, overrides, show=os.environ.get("RANK", "0") == "0")
     from stages.train import main as run
 
-    try:
-        run(cfg, resume=resume)
-    finally:  # this process exits next: tear the process group down while Python is fully alive
-        shutdown_distributed()
+    run(cfg, resume=resume)
 
 
 @cli.command("eval")
@@ -208,10 +204,7 @@ def bench(preset, files, overrides, out, repeats):
     cfg = _experiment(preset, files, overrides, show=False)
     from stages.bench import main as run
 
-    try:
-        run(cfg, out=Path(out), repeats=repeats)
-    finally:
-        shutdown_distributed()
+    run(cfg, out=Path(out), repeats=repeats)
 
 
 # ------------------------------------------------------------------------------------------------ toy world

@@ -1,6 +1,7 @@
 """Who am I in a job: task ids for rollouts (Slurm array or torchrun), kept out of the recipes."""
 from __future__ import annotations
 
+import atexit
 import os
 from typing import TYPE_CHECKING
 
@@ -53,6 +54,8 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
                    MASTER_PORT=env.get("MASTER_PORT", str(free_port())))
     cuda = torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    atexit.unregister(shutdown_distributed)  # once, however often a process initialises
+    atexit.register(shutdown_distributed)
     rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
@@ -61,9 +64,11 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
 
 
 def shutdown_distributed() -> None:
-    """Destroy the process group before the interpreter exits. Without it, gloo's worker threads can still hold
-    work objects when Python finalises, and a rank dies with SIGABRT ("terminate called without an active
-    exception") after a run that succeeded. A no-op when no group is up; local, not a collective."""
+    """Destroy the process group; `init_distributed` registers it to run at interpreter exit. Without it, gloo's
+    worker threads can still hold work objects when Python finalises, and a rank dies with SIGABRT ("terminate
+    called without an active exception") after a run that succeeded. At exit rather than at the end of a run:
+    DeepSpeed caches its groups, so a process that trains twice (the tests) must keep the group. A no-op when
+    no group is up; local, not a collective."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
