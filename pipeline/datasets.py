@@ -44,7 +44,7 @@ def code_version() -> str:
 
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent).stdout.strip()
+                             cwd=Path(__file__).parent, check=False).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         rev = ""
     return f"gdro {version('gdro')}" + (f" ({rev})" if rev else "")
@@ -116,7 +116,7 @@ def shard_is_complete(root: Path, index: int, fingerprint: str) -> bool:
             ok = (stats.fingerprint == fingerprint and paths["tar"].exists() and paths["parquet"].exists()
                   and sha256_file(paths["tar"]) == stats.tar_sha256
                   and sha256_file(paths["parquet"]) == stats.parquet_sha256)
-        except Exception:
+        except Exception:  # noqa: BLE001  any unreadable stats file means the shard is redone
             ok = False
         if ok:
             return True

@@ -35,9 +35,9 @@ def _manifest(root: Path) -> dict:
 def inspect_dataset(root: Path, sheet: Path | None = None, n_groups: int = 6) -> str:
     m, df = read_rows(root)
     rewards = [c for c in df.columns if c.startswith(REWARD_PREFIX)]
-    lines = [f"dataset {root}: {m['totals']['groups']} groups, {m['totals']['images']} images, "
-             f"{m['totals']['failed_images']} failed, G={m['group_size']}, {m['totals']['shards']} shards, "
-             f"generator {m['generator']['backend']} ({m['fingerprint']})"]
+    lines = [(f"dataset {root}: {m['totals']['groups']} groups, {m['totals']['images']} images, "
+              f"{m['totals']['failed_images']} failed, G={m['group_size']}, {m['totals']['shards']} shards, "
+              f"generator {m['generator']['backend']} ({m['fingerprint']})")]
     lines.append(f"{'reward':<22}{'mean':>8}{'std':>8}{'zero-spread groups':>20}")
     for col in rewards:
         spread = df.groupby("key")[col].agg(lambda v: np.nanmax(v) - np.nanmin(v) if v.notna().any() else 0.0)

@@ -70,13 +70,13 @@ def _score(rewards: list[Reward], images: np.ndarray, prompts: list[str], metas:
             per_image = list(values)
         except GdroError:
             raise
-        except Exception:  # isolate the failing image(s)
+        except Exception:  # noqa: BLE001  a user scorer may raise anything: isolate the failing image(s)
             per_image = []
             for i in range(n):
                 try:
                     per_image.append(float(np.asarray(rw.fn(images[i:i + 1], prompts[i:i + 1], metas[i:i + 1])[0])
                                            .reshape(-1)[0]))
-                except Exception as e:  # recorded in the row, not raised
+                except Exception as e:  # noqa: BLE001  recorded in the row, not raised
                     per_image.append(None)
                     errors[i].append(f"{rw.name}: {type(e).__name__}: {e}")
         for i, v in enumerate(per_image):

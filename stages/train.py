@@ -207,7 +207,7 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
     # ---- loop
     if rank == 0:
         _trim_metrics(out / "metrics.jsonl", step)
-    metrics_f = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    metrics_f = open(out / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115  open for the whole loop
     tb = None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter

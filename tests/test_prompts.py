@@ -55,8 +55,8 @@ def test_geneval_metadata(tmp_path):
     ('{"prompt": ""}', r"g.jsonl:2: each line needs a non-empty string field 'prompt'"),
     ('{"prompt": "p", "include": []}', r"g.jsonl:2: 'include' must be a non-empty list"),
     ('{"prompt": "p", "include": [{"count": 1}]}', r"g.jsonl:2: include\[0\] needs a string 'class'"),
-    ('{"prompt": "p", "include": [{"class": "cat", "count": 0}]}', r"g.jsonl:2: include\[0\].count must be an "
-                                                                   r"integer >= 1, got 0"),
+    ('{"prompt": "p", "include": [{"class": "cat", "count": 0}]}', (r"g.jsonl:2: include\[0\].count must be an "
+                                                                    r"integer >= 1, got 0")),
     ('{"prompt": "p", "include": [{"class": "cat", "count": "2"}]}', r"include\[0\].count must be an integer"),
     ('{"prompt": "p", "include": [{"class": "cat", "count": 1, "position": ["left of", 0]}]}',
      r"g.jsonl:2: include\[0\].position must be \[relation, index of an earlier include entry\]"),

@@ -55,7 +55,7 @@ def known_rewards() -> list[str]:
 
 def reward_identity(name: str, params: dict[str, Any] | None = None) -> dict:
     """What the manifest records of a reward, without building it (no model is loaded)."""
-    factory, version = _resolve(name)
+    _factory, version = _resolve(name)
     return {"name": name, "version": version, "params": _described(name, dict(params or {}))}
 
 

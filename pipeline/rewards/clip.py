@@ -92,7 +92,7 @@ def _load_open_clip(reward: str, model: str, pretrained: str, model_config: str,
         clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=device,
                                                                     force_quick_gelu=bool(quick_gelu))
         tokenizer = open_clip.get_tokenizer(name)
-    except Exception as e:  # an unknown architecture, weights that do not fit it, a file that is no checkpoint
+    except Exception as e:  # noqa: BLE001  an unknown architecture, weights that do not fit it, a file that is no checkpoint
         first = (str(e).splitlines() or [type(e).__name__])[0][:300]
         raise GdroError(f"rollouts.rewards.{reward}: open_clip could not build {name!r} with the weights "
                         f"{pretrained} ({type(e).__name__}: {first}); check .model and .pretrained") from None
@@ -157,7 +157,7 @@ def load_aesthetic_head(path: str, dim: int, key: str = "rollouts.rewards.aesthe
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001  torch.load raises many types; all mean "not a state dict"
             raise GdroError(f"{key}: cannot read {path} as a torch state dict ({str(e).splitlines()[0][:200]})") \
                 from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

@@ -2,6 +2,8 @@
 local layouts real checkpoints come in; each score checked against the models' own forward passes."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -89,7 +91,7 @@ def test_aesthetic_head_formats(tiny_open_clip, images, tmp_path, version):
     oc = tiny_open_clip
     rng = np.random.default_rng(1)
     dims = [16, 1] if version == "v1" else [16, 24, 12, 8, 4, 1]
-    weights = [(rng.normal(size=(o, i)) / np.sqrt(i), rng.normal(size=o)) for i, o in zip(dims, dims[1:])]
+    weights = [(rng.normal(size=(o, i)) / np.sqrt(i), rng.normal(size=o)) for i, o in itertools.pairwise(dims)]
     if version == "v1":  # LAION-AI/aesthetic-predictor: nn.Linear(768, 1)
         state = {"weight": torch.tensor(weights[0][0], dtype=torch.float32),
                  "bias": torch.tensor(weights[0][1], dtype=torch.float32)}

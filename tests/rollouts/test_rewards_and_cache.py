@@ -123,7 +123,7 @@ def test_cached_reference_errors_match_an_independent_computation(tiny_toy_model
     model = SD3Transformer2DModel.from_pretrained(tiny_toy_model / "transformer").eval()
     groups = _groups(small_dataset / "shards" / "000002.tar")
     assert sorted(groups) == ["000000004", "000000005"]
-    for key, raw in groups.items():
+    for raw in groups.values():
         rec = json.loads(raw["json"])
         pid = rec["prompt_id"]
         x0 = torch.from_numpy(np.load(io.BytesIO(raw["latents.npy"]), allow_pickle=False))
