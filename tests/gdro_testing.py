@@ -28,3 +28,36 @@ def transformer_weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(Path(folder) / "transformer" / "diffusion_pytorch_model.safetensors"))
+
+
+def check_cached_reference_errors(dataset: Path, velocity, group_size: int) -> int:
+    """Recompute every cached reference error of a dataset (stored latents and embeddings, the recorded t and
+    noise seed) with `velocity(x, t, cond)` and compare (rtol 1e-5); returns how many (group, draw) were checked."""
+    import json
+
+    import numpy as np
+
+    from pipeline.backends.base import Conditioning
+    from pipeline.flow import flow_errors
+    from schemas import layout
+    from schemas.manifest import decode_group, iter_tar_groups
+    from schemas.seeds import noise_for
+
+    m = json.loads((Path(dataset) / "manifest.json").read_text())
+    shape = tuple(m["generator"]["latent_shape"])
+    checked = 0
+    with torch.no_grad():
+        for sh in m["shards"]:
+            for key, raw in iter_tar_groups(Path(dataset) / sh["tar"]):
+                rec, arrays = decode_group(key, raw, sh["tar"])
+                x0 = torch.from_numpy(arrays[layout.LATENTS_MEMBER])
+                cond = Conditioning(torch.from_numpy(arrays[layout.PROMPT_EMBEDS_MEMBER])[None],
+                                    torch.from_numpy(arrays[layout.POOLED_EMBEDS_MEMBER])[None])
+                cond = cond.repeat_interleave(group_size)
+                assert len(rec.ref_t) == len(rec.ref_noise_seeds) == len(rec.ref_errors)
+                for k, (t_k, seed_k) in enumerate(zip(rec.ref_t, rec.ref_noise_seeds)):
+                    eps = noise_for(int(seed_k), shape).expand(group_size, *shape)
+                    err = flow_errors(velocity, x0, eps, torch.tensor([t_k]), cond)
+                    np.testing.assert_allclose(err.double().numpy(), np.asarray(rec.ref_errors[k]), rtol=1e-5)
+                    checked += 1
+    return checked

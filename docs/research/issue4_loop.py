@@ -1,6 +1,7 @@
 """Plain-torch research loop behind the README rows marked "loop" (issue 4; not product code): the toy model, a
 live frozen reference, fresh (t, eps) draws per group, optional EMA of the weights and an A+-weighted flow-matching
-term. The model, dataset, test prompts, eval seed and sampler come from a preset's config (`--preset`, toy by
+term (`--sft_on all`: every member, equal weights: the model fitted to its own samples). `--loss render` is a
+ceiling diagnostic outside the paradigm: flow matching on true renders of the training prompts. The model, dataset, test prompts, eval seed and sampler come from a preset's config (`--preset`, toy by
 default; `--set` overrides as in the CLI); evaluates on the first --eval_n test lines like `gdro eval`. Run from
 the repo root:
   OMP_NUM_THREADS=1 .venv/bin/python docs/research/issue4_loop.py --lr 5e-5 --ema 0.99 --tmin 0.5 --scope batch"""
@@ -20,10 +21,12 @@ from pipeline.backends.toy import ToyBackend
 from pipeline.config import ExperimentConfig, resolve
 from pipeline.data import _to_item, shard_urls
 from pipeline.evaluation import evaluate_backend
-from pipeline.flow import flow_errors
+from pipeline.flow import flow_errors, sample_t
 from pipeline.losses import group_loss
 from pipeline.prompts import load_prompts
+from pipeline.toy.prompts import sample_scene, split_pools
 from pipeline.toy.scoring import kind_table
+from pipeline.toy.world import render, to_unit
 from schemas.manifest import iter_tar_groups
 
 p = argparse.ArgumentParser()
@@ -39,6 +42,7 @@ p.add_argument("--draws", type=int, default=1)  # (t, eps) draws per group per s
 p.add_argument("--ema", type=float, default=0.0)
 p.add_argument("--param", default="x0")
 p.add_argument("--sft", type=float, default=0.0)  # + weight * flow matching on members with A > 0 (A-weighted)
+p.add_argument("--sft_on", default="pos")  # pos: members with A > 0, A-weighted | all: every member, equal weights
 # --loss awr: that term alone (no DGPO term)
 p.add_argument("--eval_n", type=int, default=300)
 p.add_argument("--eval_every", type=int, default=0)
@@ -91,7 +95,39 @@ rng = np.random.default_rng(a.seed)
 hist = []
 t0 = time.time()
 accs = []
+def warm_up(step):
+    for gparam in opt.param_groups:
+        gparam["lr"] = a.lr * min(1.0, step / 10)
+
+
+def ema_step():
+    if ema is not None:
+        with torch.no_grad():
+            for pe_p, pp in zip(ema.parameters(), policy.parameters()):
+                pe_p.lerp_(pp, 1 - a.ema)
+
+
+train_pool = split_pools()[0]  # --loss render: the training prompts' true scenes (a ceiling diagnostic only)
 for step in range(1, a.steps + 1):
+    if a.loss == "render":  # plain flow matching on true renders, not on the model's samples: what perfect data gives
+        metas_b = [train_pool[int(rng.integers(len(train_pool)))] for _ in range(a.groups * 8)]
+        x0 = torch.from_numpy(np.stack([to_unit(render(sample_scene(m, rng))) for m in metas_b]))
+        with torch.no_grad():
+            cond = base.encode_prompts([m["prompt"] for m in metas_b])
+        t = sample_t(x0.shape[0], gen, law="logit_normal", t_min=0.0, t_max=1.0)
+        eps = torch.randn(x0.shape, generator=gen)
+        warm_up(step)
+        opt.zero_grad()
+        loss = flow_errors(vel(policy), x0, eps, t, cond).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        opt.step()
+        ema_step()
+        if step % 20 == 0:
+            print(f"step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
+        if a.eval_every and step % a.eval_every == 0 and step != a.steps:
+            hist.append({"step": step, **evaluate(step)})
+        continue
     idx = rng.choice(len(items), a.groups, replace=False)
     batch = [items[i] for i in idx]
     x0 = torch.stack([b["latents"] for b in batch])  # N G C H W
@@ -100,9 +136,7 @@ for step in range(1, a.steps + 1):
     pe = torch.stack([b["prompt_embeds"] for b in batch])
     po = torch.stack([b["pooled_embeds"] for b in batch])
     cond = Conditioning(pe, po).repeat_interleave(G)
-    lr = a.lr * min(1.0, step / 10)
-    for gparam in opt.param_groups:
-        gparam["lr"] = lr
+    warm_up(step)
     opt.zero_grad()
     total = 0.0
     for d in range(a.draws):
@@ -119,7 +153,7 @@ for step in range(1, a.steps + 1):
         out = group_loss("dgpo" if a.loss == "awr" else a.loss, pe_, re_, rewards, beta=a.beta, adv_scope=a.scope)
         loss = out.loss if a.loss != "awr" else 0.0 * out.loss
         if a.sft:
-            pos = out.advantages.clamp(min=0)
+            pos = out.advantages.clamp(min=0) if a.sft_on == "pos" else torch.ones_like(out.advantages)
             loss = loss + a.sft * (pos * (err * w).view(N, G)).sum() / pos.sum().clamp(min=1e-6)
         (loss / a.draws).backward()
         total += loss.item() / a.draws
@@ -132,10 +166,7 @@ for step in range(1, a.steps + 1):
                 accs.append(((dp > 0) & m).sum().item() / m.sum().item())
     torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
     opt.step()
-    if ema is not None:
-        with torch.no_grad():
-            for pe_p, pp in zip(ema.parameters(), policy.parameters()):
-                pe_p.lerp_(pp, 1 - a.ema)
+    ema_step()
     if step % 20 == 0:
         print(f"step {step} loss {total:.4f} acc {np.mean(accs[-20 * a.draws:]):.3f} {time.time() - t0:.0f}s", flush=True)
     if a.eval_every and step % a.eval_every == 0 and step != a.steps:

@@ -116,19 +116,26 @@ def _vae(seed: int, latent_channels: int, *, shift: float | None):
                          use_post_quant_conv=False).eval()
 
 
-def build_tiny_sd3(path: str | Path, *, seed: int = 0, resolution: int = 32) -> Path:
-    """A StableDiffusion3Pipeline folder with random weights: images of `resolution` px, latents [4, r/2, r/2]."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+def _tokenizers(clip_slots: tuple[str, ...], t5_slot: str) -> tuple[dict, int, int]:
+    """The pipeline's tokenizers, written locally and loaded back with `from_pretrained` (in transformers 5.x
+    `CLIPTokenizer(vocab_file=...)` ignores its files): ({slot: tokenizer}, CLIP vocabulary, T5 vocabulary)."""
     from transformers import CLIPTokenizer, T5TokenizerFast
 
-    path = Path(path)
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = Path(tmp)
         clip_vocab = write_clip_tokenizer(tok_dir / "clip")
         t5_vocab = write_t5_tokenizer(tok_dir / "t5")
-        tokenizers = {"tokenizer": CLIPTokenizer.from_pretrained(tok_dir / "clip"),
-                      "tokenizer_2": CLIPTokenizer.from_pretrained(tok_dir / "clip"),
-                      "tokenizer_3": T5TokenizerFast.from_pretrained(tok_dir / "t5")}
+        tokenizers = {slot: CLIPTokenizer.from_pretrained(tok_dir / "clip") for slot in clip_slots}
+        tokenizers[t5_slot] = T5TokenizerFast.from_pretrained(tok_dir / "t5")
+    return tokenizers, clip_vocab, t5_vocab
+
+
+def build_tiny_sd3(path: str | Path, *, seed: int = 0, resolution: int = 32) -> Path:
+    """A StableDiffusion3Pipeline folder with random weights: images of `resolution` px, latents [4, r/2, r/2]."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    path = Path(path)
+    tokenizers, clip_vocab, t5_vocab = _tokenizers(("tokenizer", "tokenizer_2"), "tokenizer_3")
     te1, te2 = _clip_encoder(clip_vocab, seed + 1), _clip_encoder(clip_vocab, seed + 2)
     joint = 32  # = T5 d_model; the CLIP states (16 + 16) are zero-padded to it, as in SD3
     te3 = _t5_encoder(t5_vocab, joint, seed + 3)
@@ -148,15 +155,9 @@ def build_tiny_sd3(path: str | Path, *, seed: int = 0, resolution: int = 32) -> 
 def build_tiny_flux(path: str | Path, *, seed: int = 0, guidance_embeds: bool = True) -> Path:
     """A FluxPipeline folder with random weights (guidance-distilled like FLUX.1-dev unless told otherwise)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTokenizer, T5TokenizerFast
 
     path = Path(path)
-    with tempfile.TemporaryDirectory() as tmp:
-        tok_dir = Path(tmp)
-        clip_vocab = write_clip_tokenizer(tok_dir / "clip")
-        t5_vocab = write_t5_tokenizer(tok_dir / "t5")
-        tokenizers = {"tokenizer": CLIPTokenizer.from_pretrained(tok_dir / "clip"),
-                      "tokenizer_2": T5TokenizerFast.from_pretrained(tok_dir / "t5")}
+    tokenizers, clip_vocab, t5_vocab = _tokenizers(("tokenizer",), "tokenizer_2")
     te1 = _clip_encoder(clip_vocab, seed + 1, projection=False)
     joint = 32
     te2 = _t5_encoder(t5_vocab, joint, seed + 2)

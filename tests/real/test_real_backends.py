@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gdro_testing import run_train, transformer_weights
+from gdro_testing import check_cached_reference_errors, run_train, transformer_weights
 
 pytestmark = pytest.mark.slow
 
@@ -129,31 +129,13 @@ def test_rollouts_write_vae_latents_and_embeddings(world):
 def test_stage_two_velocity_reproduces_the_cached_reference_errors(world):
     """Stage two's path (only the transformer, the backend's velocity function, the stored latents and
     embeddings, the manifest's guidance) recomputes stage one's cached reference errors: one code path."""
-    from pipeline.backends.base import Conditioning, dataset_velocity, load_transformer
-    from pipeline.flow import flow_errors
-    from schemas import layout
-    from schemas.manifest import decode_group, iter_tar_groups
-    from schemas.seeds import noise_for
+    from pipeline.backends.base import dataset_velocity, load_transformer
 
     kind = world["kind"]
     tr = load_transformer(kind, str(world["model"])).eval()
     assert type(tr).__name__ == KINDS[kind]["transformer"]
-    m = json.loads((world["dataset"] / "manifest.json").read_text())
-    velocity = dataset_velocity(kind, m)
-    shape = tuple(m["generator"]["latent_shape"])
-    checked = 0
-    with torch.no_grad():
-        for sh in m["shards"]:
-            for key, raw in iter_tar_groups(world["dataset"] / sh["tar"]):
-                rec, arrays = decode_group(key, raw, sh["tar"])
-                x0 = torch.from_numpy(arrays[layout.LATENTS_MEMBER])
-                cond = Conditioning(torch.from_numpy(arrays[layout.PROMPT_EMBEDS_MEMBER])[None],
-                                    torch.from_numpy(arrays[layout.POOLED_EMBEDS_MEMBER])[None]).repeat_interleave(G)
-                for k, (t_k, seed_k) in enumerate(zip(rec.ref_t, rec.ref_noise_seeds)):
-                    eps = noise_for(int(seed_k), shape).expand(G, *shape)
-                    err = flow_errors(lambda x, t, c: velocity(tr, x, t, c), x0, eps, torch.tensor([t_k]), cond)
-                    np.testing.assert_allclose(err.double().numpy(), np.asarray(rec.ref_errors[k]), rtol=1e-5)
-                    checked += 1
+    velocity = dataset_velocity(kind, json.loads((world["dataset"] / "manifest.json").read_text()))
+    checked = check_cached_reference_errors(world["dataset"], lambda x, t, c: velocity(tr, x, t, c), G)
     assert checked == len(PROMPTS) * 2
 
 

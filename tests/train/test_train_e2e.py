@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gdro_testing import run_train, transformer_weights
+from gdro_testing import check_cached_reference_errors, run_train, transformer_weights
 
 from pipeline.errors import GdroError
 
@@ -98,30 +98,10 @@ def test_the_datasets_have_reward_spread(datasets):
 def test_recomputed_errors_equal_the_cache(datasets, tiny_toy_model):
     """flow_errors with the model folder's transformer on the stored latents/embeddings, at the cached (t_k, eps
     seed), reproduces the cached reference errors: at step 0 the implicit rewards are zero."""
-    from pipeline.backends.base import Conditioning, load_transformer, transformer_velocity
-    from pipeline.flow import flow_errors
-    from schemas import layout
-    from schemas.manifest import decode_group, iter_tar_groups
-    from schemas.seeds import noise_for
+    from pipeline.backends.base import load_transformer, transformer_velocity
 
     tr = load_transformer("toy", str(tiny_toy_model)).eval()
-    m = json.loads((datasets["cached"] / "manifest.json").read_text())
-    shape = tuple(m["generator"]["latent_shape"])
-    checked = 0
-    with torch.no_grad():
-        for sh in m["shards"]:
-            for key, raw in iter_tar_groups(datasets["cached"] / sh["tar"]):
-                rec, arrays = decode_group(key, raw, sh["tar"])
-                x0 = torch.from_numpy(arrays[layout.LATENTS_MEMBER])
-                cond = Conditioning(torch.from_numpy(arrays[layout.PROMPT_EMBEDS_MEMBER])[None],
-                                    torch.from_numpy(arrays[layout.POOLED_EMBEDS_MEMBER])[None]).repeat_interleave(G)
-                assert len(rec.ref_t) == len(rec.ref_noise_seeds) == 2
-                for k, (t_k, seed_k) in enumerate(zip(rec.ref_t, rec.ref_noise_seeds)):
-                    eps = noise_for(int(seed_k), shape).expand(G, *shape)
-                    err = flow_errors(lambda x, t, c: transformer_velocity(tr, x, t, c), x0, eps,
-                                      torch.tensor([t_k]), cond)
-                    np.testing.assert_allclose(err.double().numpy(), np.asarray(rec.ref_errors[k]), rtol=1e-5)
-                    checked += 1
+    checked = check_cached_reference_errors(datasets["cached"], lambda x, t, c: transformer_velocity(tr, x, t, c), G)
     assert checked == 16 * 2
 
 
