@@ -89,7 +89,8 @@ def merge_lora(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.
 
 
 def deepspeed_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """Plain float32 transformer weights of one DeepSpeed checkpoint written by `gdro train` (LoRA merged)."""
+    """Plain float32 transformer weights of one DeepSpeed checkpoint written by `gdro train` (the EMA of the
+    weights when the run kept one; LoRA merged)."""
     tag_dir = Path(tag_dir)
     states_file = tag_dir / MODEL_STATES
     if not states_file.is_file():
@@ -102,6 +103,8 @@ def deepspeed_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
         state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     else:
         state = states["module"]
+    if states.get("ema"):  # trained with train.ema_decay: the averaged weights are the model
+        state = {k: states["ema"].get(k, v).to(v.dtype) for k, v in state.items()}
     train = (states.get("config") or {}).get("train", {})
     rank = int(train.get("lora_rank", 0))
     if rank:

@@ -165,6 +165,8 @@ class TrainConfig:
     # and corrected score as `gdro eval`); the best model by corrected score is kept in <out>/best; 0 = off
     eval_num_prompts: int = 60  # prompt lines of those evaluations (one image each, eval.base_seed noise)
     patience: int = 0  # stop after this many evaluations without a better corrected score; 0 = train all steps
+    ema_decay: float = 0.0  # EMA of the trained weights (DGPO's optional EMA), e.g. 0.99; 0 = off. Checkpoints
+    # carry it; the export, `gdro eval` of checkpoints and train.eval_every use the averaged weights. ZeRO-2 only
 
     def check(self, key: str) -> None:
         from .losses import LOSSES
@@ -191,6 +193,11 @@ class TrainConfig:
         _positive(f"{key}eval_num_prompts", self.eval_num_prompts)
         if self.lora_rank < 0 or self.kl_beta < 0 or self.num_workers < 0:
             raise GdroError(f"{key}lora_rank, {key}kl_beta and {key}num_workers must be >= 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise GdroError(f"{key}ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
+        if self.ema_decay and self.zero_stage == 3:
+            raise GdroError(f"{key}ema_decay needs {key}zero_stage=2: under ZeRO-3 no rank holds the full weights "
+                            f"to average")
         if self.reference == "lora" and self.lora_rank == 0:
             raise GdroError(f"{key}reference=lora needs {key}lora_rank > 0")
         if self.reference == "cache" and self.kl_beta > 0:

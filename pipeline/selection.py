@@ -36,8 +36,8 @@ def decide(history: list[dict], patience: int) -> tuple[bool, bool]:
 
 
 class Selector:
-    def __init__(self, cfg, out: Path, rank: int, start_step: int):
-        self.cfg, self.out, self.rank = cfg, Path(out), rank
+    def __init__(self, cfg, out: Path, rank: int, start_step: int, ema=None):
+        self.cfg, self.out, self.rank, self.ema = cfg, Path(out), rank, ema  # ema: evaluate the averaged weights
         self.history: list[dict] = []
         if rank != 0:
             return
@@ -82,6 +82,8 @@ class Selector:
         if self.rank != 0:
             return None
         state = {k: v.detach().float().cpu().clone() for k, v in state.items()}
+        if self.ema is not None:
+            state = self.ema.over(state)
         t = self.cfg.train
         return merge_lora(state, (t.lora_alpha or t.lora_rank) / t.lora_rank) if t.lora_rank else state
 

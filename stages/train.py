@@ -24,6 +24,7 @@ from pipeline.backends.base import Conditioning, dataset_velocity, load_transfor
 from pipeline.config import ExperimentConfig, save_resolved, to_dict
 from pipeline.data import check_dataset, group_batches
 from pipeline.distributed import deepspeed_config, init_distributed, print0
+from pipeline.ema import WeightEMA
 from pipeline.errors import GdroError
 from pipeline.flow import error_weight, flow_errors, sample_t
 from pipeline.losses import NEEDS_REFERENCE, group_loss, kl_penalty, pairwise_accuracy
@@ -183,14 +184,21 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
     engine, _, _, _ = deepspeed.initialize(model=transformer, optimizer=optimizer, lr_scheduler=sched,
                                            config=deepspeed_config(ds_config(t, world, bf16), t.deepspeed_config,
                                                                    t.zero_stage))
+    ema = WeightEMA(engine.module, t.ema_decay) if t.ema_decay else None
     step = 0
     if start_tag:
         _, client = engine.load_checkpoint(str(ckdir), tag=start_tag)
         step = int(client["step"])
+        if ema is not None:
+            if "ema" not in client:
+                raise GdroError(f"{ckdir / start_tag} holds no EMA of the weights (it was trained without "
+                                f"train.ema_decay); resume with train.ema_decay=0 or start a new train.out")
+            ema.load_state_dict(client["ema"])
         print0(f"train: resumed from {ckdir / start_tag} at step {step}")
     dtype = torch.bfloat16 if bf16 else torch.float32
     print0(f"train: {n_trainable / 1e6:.3f} M trainable parameters ({'LoRA' if lora else 'full'}), "
-           f"loss {t.loss}, reference {ref_mode}, ZeRO-{t.zero_stage}, {dtype}, {world} rank(s), G={G}")
+           f"loss {t.loss}, reference {ref_mode}, ZeRO-{t.zero_stage}, {dtype}, {world} rank(s), G={G}"
+           + (f", EMA {t.ema_decay:g}" if ema is not None else ""))
 
     def policy_v(x, tt, c):
         return velocity(engine, x, tt, c)
@@ -214,7 +222,7 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
 
         tb = SummaryWriter(str(out / "tensorboard"))
     stop = Preemption()
-    select = Selector(cfg, out, rank, step) if t.eval_every else None  # train.eval_every: keep <out>/best
+    select = Selector(cfg, out, rank, step, ema=ema) if t.eval_every else None  # train.eval_every: keep <out>/best
     it = iter(loader)
     for _ in range(step):  # resume: skip the batches the run already used, so
         next(it)  # it continues exactly as an uninterrupted run would (same data, same per-step seeds)
@@ -259,6 +267,8 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
         loss_global = (float(totals[1]) / n_global if n_global > 0 else 0.0) + t.kl_beta * float(totals[2]) / world
         engine.backward(loss)
         engine.step()
+        if ema is not None:
+            ema.update(engine.module)
         step += 1
         now = time.time()
         sig = out_.signal
@@ -284,11 +294,11 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
             bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['implicit_acc']:.2f}",
                             r=f"{record['reward_mean']:.3f}")
         if select is not None and step % t.eval_every == 0 and select(engine, step):  # train.patience reached
-            save_checkpoint(engine, cfg, ckdir, step, rank)
+            save_checkpoint(engine, cfg, ckdir, step, rank, ema)
             break
         preempted = stop.any_rank(device)
         if step % t.save_every == 0 or step == t.steps or preempted:
-            save_checkpoint(engine, cfg, ckdir, step, rank)
+            save_checkpoint(engine, cfg, ckdir, step, rank, ema)
         if preempted:
             print0(f"train: preemption signal: checkpointed at step {step}; exiting for requeue")
             requeue_on_preemption(rank, signal.SIGUSR2 in stop.received)  # rank 0 in a Slurm job: scontrol requeue
@@ -297,11 +307,11 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
     if rank == 0:
         metrics_f.close()
         tb.close()
-    export(engine, cfg, out / "export", lora=lora, rank=rank)
+    export(engine, cfg, out / "export", lora=lora, rank=rank, ema=ema)
     return out
 
 
-def save_checkpoint(engine, cfg: ExperimentConfig, ckdir: Path, step: int, rank: int) -> None:
+def save_checkpoint(engine, cfg: ExperimentConfig, ckdir: Path, step: int, rank: int, ema=None) -> None:
     """All ranks save through DeepSpeed; `latest` moves only once every rank's files of the tag are written.
 
     DeepSpeed's own `latest` is written by rank 0 before its final barrier, so a rank killed mid-save could leave
@@ -309,8 +319,8 @@ def save_checkpoint(engine, cfg: ExperimentConfig, ckdir: Path, step: int, rank:
     import torch.distributed as dist
 
     tag = f"step_{step:07d}"
-    engine.save_checkpoint(str(ckdir), tag=tag, client_state={"step": step, "config": to_dict(cfg)},
-                           save_latest=False)
+    client = {"step": step, "config": to_dict(cfg), **({"ema": ema.state_dict()} if ema is not None else {})}
+    engine.save_checkpoint(str(ckdir), tag=tag, client_state=client, save_latest=False)
     dist.barrier()
     if rank == 0:
         tmp = ckdir / "latest.tmp"
@@ -338,9 +348,10 @@ def _merged_copy(model, cfg: ExperimentConfig, lora_dir: Path):
     return plain
 
 
-def export(engine, cfg: ExperimentConfig, folder: Path, *, lora: bool, rank: int) -> Path | None:
+def export(engine, cfg: ExperimentConfig, folder: Path, *, lora: bool, rank: int, ema=None) -> Path | None:
     """A model folder diffusers loads: the full transformer (`from_pretrained`; LoRA merged) plus, for LoRA,
-    the adapter alone in diffusers' format (`load_lora_weights`). Written to a temporary folder, then renamed."""
+    the adapter alone in diffusers' format (`load_lora_weights`); the averaged weights when `ema` is given.
+    Written to a temporary folder, then renamed."""
     import torch.distributed as dist
 
     module = engine.module
@@ -353,6 +364,8 @@ def export(engine, cfg: ExperimentConfig, folder: Path, *, lora: bool, rank: int
     model = copy.deepcopy(module).float().cpu()
     if state is not None:
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    if ema is not None:
+        model.load_state_dict(ema.over(model.state_dict()), strict=True)
     if lora:
         model = _merged_copy(model, cfg, tmp / "lora")
     model.save_pretrained(tmp / "transformer", safe_serialization=True)

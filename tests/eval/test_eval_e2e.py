@@ -56,7 +56,7 @@ def runs(tiny_toy_model, tmp_path_factory):
                                   "train.lora_alpha=8", "train.lr=1e-2"))
         select = run_train(make_cfg(tiny_toy_model, root, "select", "train.steps=8", "train.save_every=2",
                                     "train.keep_checkpoints=4", "train.eval_every=2", "train.eval_num_prompts=6",
-                                    "train.patience=1", "eval.target=partial"))
+                                    "train.patience=1", "eval.target=partial", "train.ema_decay=0.5"))
     return {"root": root, "full": full, "lora": lora, "select": select, "model": tiny_toy_model}
 
 
@@ -132,7 +132,8 @@ def test_decide_by_hand():
 
 def test_selection_during_training_keeps_the_best_and_stops(runs):
     """train.eval_every=2, patience 1: one line per evaluation in selection.jsonl (the reference first), the
-    best model in best/ equal to the checkpoint of its step, and training stops exactly when `decide` says."""
+    best model in best/ equal to the checkpoint of its step, and training stops exactly when `decide` says. The
+    run keeps an EMA (train.ema_decay=0.5): best/ and the checkpoint as read for `gdro eval` are both the average."""
     from safetensors.torch import load_file
 
     from pipeline.checkpoints import deepspeed_state_dict
