@@ -117,3 +117,19 @@ def test_two_ranks_train_like_one_process(zero_stage, one_process, dataset, tiny
     moved = sum(float((w1[k] - w0[k]).pow(2).sum()) for k in w1) ** 0.5
     apart = sum(float((w1[k] - w2[k]).pow(2).sum()) for k in w1) ** 0.5
     assert moved > 0 and apart < 1e-3 * moved  # measured 4e-5: Adam's first steps are near sign-steps
+
+
+def test_two_ranks_keep_the_ema_of_one_process(dataset, tiny_toy_model, tmp_path):
+    """train.ema_decay under 2 ranks (ZeRO-2: every rank holds the full weights and the same average): the
+    exported average equals one process's, as the trained weights do above."""
+    ema = ("train.ema_decay=0.5",)
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(train_command(overrides(tiny_toy_model, dataset, one, f"train.groups_per_step={GLOBAL_GROUPS}", *ema)),
+        tmp_path / "one.txt")
+    run(train_command(overrides(tiny_toy_model, dataset, two, f"train.groups_per_step={GLOBAL_GROUPS // RANKS}",
+                                *ema), nproc=RANKS), tmp_path / "two.txt")
+    assert "EMA 0.5" in (tmp_path / "two.txt").read_text()
+    w0, w1, w2 = (transformer_weights(p) for p in (Path(tiny_toy_model), one / "export", two / "export"))
+    moved = sum(float((w1[k] - w0[k]).pow(2).sum()) for k in w1) ** 0.5
+    apart = sum(float((w1[k] - w2[k]).pow(2).sum()) for k in w1) ** 0.5
+    assert moved > 0 and apart < 1e-3 * moved
