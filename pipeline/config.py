@@ -165,7 +165,7 @@ class TrainConfig:
     # and corrected score as `gdro eval`); the best model by corrected score is kept in <out>/best; 0 = off
     eval_num_prompts: int = 60  # prompt lines of those evaluations (one image each, eval.base_seed noise)
     patience: int = 0  # stop after this many evaluations without a better corrected score; 0 = train all steps
-    ema_decay: float = 0.0  # EMA of the trained weights (DGPO's optional EMA), e.g. 0.99; 0 = off. Checkpoints
+    ema_decay: float = 0.0  # EMA of the trained weights, e.g. 0.99; 0 = off. Checkpoints
     # carry it; the export, `gdro eval` of checkpoints and train.eval_every use the averaged weights. ZeRO-2 only
 
     def check(self, key: str) -> None:

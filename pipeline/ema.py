@@ -1,4 +1,6 @@
-"""An exponential moving average of the trained weights (DGPO's Algorithm 1, "EMA decay mu (optional)").
+"""An exponential moving average of the trained weights. DGPO's Algorithm 1 keeps one ("EMA decay mu
+(optional)") as its online sampling model; offline there is no sampling, so here the average is the model that
+is exported, evaluated and selected.
 
 float32 copies of the trainable parameters, updated after every optimiser step: e <- mu e + (1 - mu) w. Under
 ZeRO stages 0-2 every rank holds the full parameters, so every rank keeps the same EMA and checkpoints carry it
