@@ -107,6 +107,17 @@ def ema_step():
                 pe_p.lerp_(pp, 1 - a.ema)
 
 
+def finish_step(step, progress):
+    """Clip, step, average; a progress line every 20 steps; an evaluation every --eval_every (the last at the end)."""
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+    opt.step()
+    ema_step()
+    if step % 20 == 0:
+        print(f"step {step} {progress} {time.time() - t0:.0f}s", flush=True)
+    if a.eval_every and step % a.eval_every == 0 and step != a.steps:
+        hist.append({"step": step, **evaluate(step)})
+
+
 train_pool = split_pools()[0]  # --loss render: the training prompts' true scenes (a ceiling diagnostic only)
 for step in range(1, a.steps + 1):
     if a.loss == "render":  # plain flow matching on true renders, not on the model's samples: what perfect data gives
@@ -120,13 +131,7 @@ for step in range(1, a.steps + 1):
         opt.zero_grad()
         loss = flow_errors(vel(policy), x0, eps, t, cond).mean()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        opt.step()
-        ema_step()
-        if step % 20 == 0:
-            print(f"step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
-        if a.eval_every and step % a.eval_every == 0 and step != a.steps:
-            hist.append({"step": step, **evaluate(step)})
+        finish_step(step, f"loss {loss.item():.4f}")
         continue
     idx = rng.choice(len(items), a.groups, replace=False)
     batch = [items[i] for i in idx]
@@ -164,13 +169,7 @@ for step in range(1, a.steps + 1):
             m = dr > 1e-6
             if m.any():
                 accs.append(((dp > 0) & m).sum().item() / m.sum().item())
-    torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-    opt.step()
-    ema_step()
-    if step % 20 == 0:
-        print(f"step {step} loss {total:.4f} acc {np.mean(accs[-20 * a.draws:]):.3f} {time.time() - t0:.0f}s", flush=True)
-    if a.eval_every and step % a.eval_every == 0 and step != a.steps:
-        hist.append({"step": step, **evaluate(step)})
+    finish_step(step, f"loss {total:.4f} acc {np.mean(accs[-20 * a.draws:]):.3f}")
 hist.append({"step": a.steps, **evaluate(a.steps)})
 if a.out:
     Path(a.out).write_text(json.dumps({"args": vars(a), "hist": hist}))
