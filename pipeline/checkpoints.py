@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .ema import averaged
 from .errors import GdroError
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -104,7 +105,7 @@ def deepspeed_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     else:
         state = states["module"]
     if states.get("ema"):  # trained with train.ema_decay: the averaged weights are the model
-        state = {k: states["ema"].get(k, v).to(v.dtype) for k, v in state.items()}
+        state = averaged(state, states["ema"])
     train = (states.get("config") or {}).get("train", {})
     rank = int(train.get("lora_rank", 0))
     if rank:

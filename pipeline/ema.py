@@ -37,4 +37,10 @@ class WeightEMA:
 
     def over(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A full module state dict with the averaged values in place of the trained parameters."""
-        return {k: (self.shadow[k].to(v.dtype) if k in self.shadow else v) for k, v in state.items()}
+        return averaged(state, self.shadow)
+
+
+def averaged(state: dict[str, torch.Tensor], shadow: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with the averages of `shadow` (a WeightEMA's, or as a checkpoint stores it) in place of its
+    trained entries, each in the entry's dtype; buffers and frozen weights as they are."""
+    return {k: (shadow[k].to(v.dtype) if k in shadow else v) for k, v in state.items()}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import shutil
 import signal
 import time
@@ -323,9 +322,7 @@ def save_checkpoint(engine, cfg: ExperimentConfig, ckdir: Path, step: int, rank:
     engine.save_checkpoint(str(ckdir), tag=tag, client_state=client, save_latest=False)
     dist.barrier()
     if rank == 0:
-        tmp = ckdir / "latest.tmp"
-        tmp.write_text(tag)
-        os.replace(tmp, ckdir / "latest")
+        layout.atomic_write(ckdir / "latest", tag.encode())
         _prune(ckdir, cfg.train.keep_checkpoints)
     dist.barrier()
 
