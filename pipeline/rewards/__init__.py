@@ -13,6 +13,7 @@ The registered rewards: `toy_*` (below), `ocr` (`ocr.py`), `clip_score`, `aesthe
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,14 @@ def register_reward(name: str, *, version: str = "1", describe: Callable[..., di
 
 def known_rewards() -> list[str]:
     return sorted(_FACTORIES)
+
+
+def installed_version(dist: str) -> str | None:
+    """The installed version of a distribution, None when it is not installed (what manifests record)."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def reward_identity(name: str, params: dict[str, Any] | None = None) -> dict:

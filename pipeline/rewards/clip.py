@@ -26,23 +26,15 @@ Images are uint8 [N, H, W, 3]; each model's own preprocessing (resize, crop, nor
 """
 from __future__ import annotations
 
-import importlib.metadata
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import GdroError
-from . import register_reward
+from . import installed_version, register_reward
 
 _LOCAL_DIR = "local-dir:"
 _OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def _need(reward: str, param: str, value: str, what: str) -> Path:
@@ -103,7 +95,7 @@ def _load_open_clip(reward: str, model: str, pretrained: str, model_config: str,
 def _open_clip_describe(reward: str):
     def describe(model: str = "", pretrained: str = "", model_config: str = "", **params) -> dict:
         return {"model": model, "pretrained": pretrained, **({"model_config": model_config} if model_config else {}),
-                **params, "open_clip_version": _version("open_clip_torch")}
+                **params, "open_clip_version": installed_version("open_clip_torch")}
 
     return describe
 
@@ -213,7 +205,7 @@ def aesthetic(model: str = "", pretrained: str = "", head: str = "", model_confi
 
 def _pickscore_describe(path: str = "", processor_path: str = "", **params) -> dict:
     return {"path": path, "processor_path": processor_path or path, **params,
-            "transformers_version": _version("transformers")}
+            "transformers_version": installed_version("transformers")}
 
 
 def _check_transformers_folder(param: str, value: str, files: tuple[str, ...], what: str) -> Path:

@@ -24,14 +24,13 @@ scored by different engines never pass for the same.
 """
 from __future__ import annotations
 
-import importlib.metadata
 import re
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import GdroError
-from . import register_reward
+from . import installed_version, register_reward
 
 KEY = "rollouts.rewards.ocr"
 _QUOTED = re.compile(r'"([^"]*)"')
@@ -78,28 +77,21 @@ def ocr_target(prompt: str, meta: dict | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- the engines
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def _pick_backend(backend: str, det_model_dir: str, rec_model_dir: str) -> str:
     if backend not in ("auto", "rapidocr", "paddleocr"):
         raise GdroError(f"{KEY}.backend: {backend!r} is not an OCR engine; use auto, rapidocr or paddleocr")
     if backend == "auto":
-        if det_model_dir and rec_model_dir and _version("paddleocr"):
+        if det_model_dir and rec_model_dir and installed_version("paddleocr"):
             return "paddleocr"
-        if _version("rapidocr"):
+        if installed_version("rapidocr"):
             return "rapidocr"
-        if _version("paddleocr"):
+        if installed_version("paddleocr"):
             raise GdroError(f"{KEY}: rapidocr is not installed and PaddleOCR needs local model folders: set "
                             f"{KEY}.det_model_dir and {KEY}.rec_model_dir, or pip install rapidocr onnxruntime")
         raise GdroError(f"{KEY}: no OCR engine is installed: pip install rapidocr onnxruntime (or "
                         f"'gdro[paddle]' with local model folders)")
     dist = backend
-    if not _version(dist):
+    if not installed_version(dist):
         extra = "pip install rapidocr onnxruntime" if backend == "rapidocr" else "pip install 'gdro[paddle]'"
         raise GdroError(f"{KEY}.backend: {backend} is not installed ({extra})")
     return backend
@@ -108,7 +100,7 @@ def _pick_backend(backend: str, det_model_dir: str, rec_model_dir: str) -> str:
 def _describe(backend: str = "auto", det_model_dir: str = "", rec_model_dir: str = "", **params) -> dict:
     """The parameters as the manifest records them: the engine resolved and its version."""
     chosen = _pick_backend(backend, det_model_dir, rec_model_dir)
-    out = {**params, "backend": chosen, "backend_version": _version(chosen)}
+    out = {**params, "backend": chosen, "backend_version": installed_version(chosen)}
     if det_model_dir or rec_model_dir:
         out.update(det_model_dir=det_model_dir, rec_model_dir=rec_model_dir)
     return out
