@@ -53,34 +53,44 @@ class SamplerConfig:
 
 @dataclass
 class ToyPretrainConfig:
-    out: str = "runs/toy-pretrain"  # output folder (weights, log, eval tables)
-    steps: int = 5000  # optimiser steps (the shipped models/toy-base is step 5000 of seed 0)
+    out: str = "runs/toy-pretrain"  # output folder (weights, log, eval tables, resumable state)
+    steps: int = 2400  # optimiser steps (the shipped models/toy-base is step 2400 of seed 0)
     batch_size: int = 64  # images per step
-    lr: float = 6e-4  # AdamW, constant after warm-up
+    lr: float = 3e-4  # AdamW, constant after warm-up
     warmup_steps: int = 200
-    ema_decay: float = 0.999  # the saved weights are the EMA
+    ema_decay: float = 0.995  # the saved weights are the EMA
     caption_dropout: float = 0.1  # share of empty prompts, so guidance can be used at sampling
+    caption_noise: float = 0.4  # share of compositional pairs whose image is of a perturbed scene (toy.prompts.perturb)
     seed: int = 0
     threads: int = 2  # torch CPU threads
     text_dim: int = 128
-    layers: int = 6
-    heads: int = 4
-    head_dim: int = 32
-    patch_size: int = 4
-    eval_every: int = 500  # steps between evaluations of the EMA weights
+    denoiser: str = "unet"  # unet (UNet2DConditionModel, the shipped base) | sd3 (SD3Transformer2DModel)
+    unet_channels: list[int] = field(default_factory=lambda: [32, 64, 128])  # unet: channels at 32, 16, 8 px
+    unet_layers_per_block: int = 1
+    layers: int = 6  # sd3: transformer blocks
+    heads: int = 4  # sd3: attention heads
+    head_dim: int = 32  # attention head width (both denoisers)
+    patch_size: int = 4  # sd3
+    eval_every: int = 400  # steps between evaluations of the EMA weights
     eval_prompts: str = "prompts/toy_test.jsonl"
     eval_n: int = 150  # prompt lines evaluated (one image each)
     eval_sampler_steps: int = 16
     eval_guidance: float = 1.0
-    keep_every: int = 1000  # also keep a weights folder every this many steps (0: only the final one)
+    keep_every: int = 800  # also keep a weights folder every this many steps (0: only the final one)
+    state_every: int = 100  # steps between resumable states (<out>/state/); a rerun of the same config resumes
 
     def check(self, key: str) -> None:
-        for name in ("steps", "batch_size", "lr", "warmup_steps", "threads", "eval_every", "eval_n"):
+        for name in ("steps", "batch_size", "lr", "warmup_steps", "threads", "eval_every", "eval_n",
+                     "state_every", "unet_layers_per_block"):
             _positive(f"{key}{name}", getattr(self, name))
         if not 0.0 <= self.ema_decay < 1.0:
             raise GdroError(f"{key}ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise GdroError(f"{key}caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if not 0.0 <= self.caption_noise <= 1.0:
+            raise GdroError(f"{key}caption_noise must be in [0, 1], got {self.caption_noise}")
+        if self.denoiser not in ("unet", "sd3"):
+            raise GdroError(f"{key}denoiser must be unet or sd3, got {self.denoiser!r}")
 
 
 @dataclass

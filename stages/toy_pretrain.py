@@ -1,14 +1,21 @@
-"""Recipe: pre-train the toy base model (text encoder + tiny SD3 transformer) on rendered scenes.
+"""Recipe: pre-train the toy base model (text encoder + small UNet) on rendered scenes with noisy captions.
 
-setup -> train (rectified flow on random true renders of random prompts, EMA) -> periodic eval of the EMA
-weights on the held-out test prompts (the same verifier and sampler the rest of gdro uses) -> save.
-The learning rate is constant after warm-up, so the weights at step k of a long run are the weights a run with
-``steps=k`` ends with: the shipped checkpoint is reproducible by stopping there.
+setup (or resume from <out>/state/) -> train (rectified flow on renders of random prompts, EMA) -> periodic
+eval of the EMA weights on the held-out test prompts (the same verifier and sampler the rest of gdro uses) ->
+save. The learning rate is constant after warm-up, so the weights at step k of a long run are the weights a
+run with ``steps=k`` ends with: the shipped checkpoint is reproducible by stopping there.
+
+Noisy captions, as on the web: with probability ``caption_noise`` a compositional prompt's image is a render of
+``perturb(prompt)`` (one fact changed: a missing object, a count off by one, another colour, the opposite
+relation, swapped colours) while the caption stays the original. The model learns to draw every object
+cleanly, but its conditional distribution puts real mass on wrong compositions it can also draw right: the
+kind of base that reward post-training improves (a real base's failures are of this kind, not of drawing).
 """
 from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -17,23 +24,26 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.backends.toy import TextEncoderConfig, ToyBackend, ToyTextEncoder, build_transformer
-from pipeline.config import ToyPretrainConfig, save_resolved
+from pipeline.backends.base import Conditioning, transformer_velocity
+from pipeline.backends.toy import TextEncoderConfig, ToyBackend, ToyTextEncoder, build_transformer, build_unet
+from pipeline.config import ToyPretrainConfig, save_resolved, to_dict
+from pipeline.errors import GdroError
 from pipeline.evaluation import sample_prompt_set
 from pipeline.flow import sample_t
 from pipeline.prompts import load_prompts
 from pipeline.sampling import SamplerConfig
-from pipeline.toy.prompts import KINDS, all_prompts, sample_scene
+from pipeline.toy.prompts import KINDS, all_prompts, perturb, sample_scene
 from pipeline.toy.scoring import format_table, kind_table, score_images
 from pipeline.toy.world import render, to_unit
 
 
-def _batch(rng: np.random.Generator, by_kind: dict[str, list[dict]], n: int, dropout: float):
+def _batch(rng: np.random.Generator, by_kind: dict[str, list[dict]], n: int, dropout: float, noise: float):
     prompts, images = [], []
     for _ in range(n):
         pool = by_kind[KINDS[int(rng.integers(len(KINDS)))]]
         meta = pool[int(rng.integers(len(pool)))]
-        images.append(to_unit(render(sample_scene(meta, rng))))
+        drawn = perturb(meta, rng) if rng.random() < noise else meta
+        images.append(to_unit(render(sample_scene(drawn, rng))))
         prompts.append("" if rng.random() < dropout else meta["prompt"])
     return prompts, torch.from_numpy(np.stack(images))
 
@@ -51,6 +61,66 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
             pe.lerp_(pm, 1.0 - decay)
 
 
+def _denoiser(cfg: ToyPretrainConfig):
+    if cfg.denoiser == "unet":
+        return build_unet(text_dim=cfg.text_dim, pooled_dim=cfg.text_dim, channels=tuple(cfg.unet_channels),
+                          layers_per_block=cfg.unet_layers_per_block, head_dim=cfg.head_dim)
+    return build_transformer(text_dim=cfg.text_dim, pooled_dim=cfg.text_dim, layers=cfg.layers, heads=cfg.heads,
+                             head_dim=cfg.head_dim, patch_size=cfg.patch_size)
+
+
+# ------------------------------------------------------------------------------ resumable state (no pickle)
+def _save_state(folder: Path, step: int, model, ema, opt, sched, rng: np.random.Generator,
+                gen: torch.Generator, cfg: ToyPretrainConfig) -> None:
+    """Everything the next step depends on, as safetensors + JSON, written to a temporary folder and renamed."""
+    from safetensors.torch import save_file
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
+    o = opt.state_dict()
+    save_file({f"{i}.{k}": v.contiguous() for i, st in o["state"].items() for k, v in st.items()}
+              | {"torch_generator": gen.get_state()}, str(tmp / "optimizer.safetensors"))
+    meta = {"step": step, "param_groups": o["param_groups"], "scheduler": sched.state_dict(),
+            "numpy_rng": rng.bit_generator.state, "config": to_dict(cfg)}
+    (tmp / "state.json").write_text(json.dumps(meta))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def _load_state(folder: Path, model, ema, opt, sched, rng: np.random.Generator, gen: torch.Generator,
+                cfg: ToyPretrainConfig) -> int:
+    from safetensors.torch import load_file
+
+    meta = json.loads((folder / "state.json").read_text())
+    saved, now = dict(meta["config"]), to_dict(cfg)
+    differ = sorted(k for k in set(saved) | set(now) if k not in ("steps", "threads") and saved.get(k) != now.get(k))
+    if differ:
+        raise GdroError(f"{folder} is the state of a pre-training with other settings ({', '.join(differ)}); "
+                        f"use another out= or delete {folder} to start afresh")
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    ema.load_state_dict(load_file(str(folder / "ema.safetensors")))
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    gen.set_state(tensors.pop("torch_generator"))
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        i, k = key.split(".", 1)
+        state.setdefault(int(i), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    sched.load_state_dict(meta["scheduler"])
+    rng.bit_generator.state = meta["numpy_rng"]
+    return int(meta["step"])
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the log's records up to `step` (a killed run may have logged steps after its last state)."""
+    if path.is_file():
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+
 def main(cfg: ToyPretrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
@@ -58,30 +128,34 @@ def main(cfg: ToyPretrainConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, out / "pretrain_config.json")
     text = ToyTextEncoder(TextEncoderConfig(dim=cfg.text_dim, pooled_dim=cfg.text_dim))
-    transformer = build_transformer(text_dim=cfg.text_dim, pooled_dim=cfg.text_dim, layers=cfg.layers,
-                                    heads=cfg.heads, head_dim=cfg.head_dim, patch_size=cfg.patch_size)
-    model = torch.nn.ModuleDict({"text": text, "transformer": transformer})
+    model = torch.nn.ModuleDict({"text": text, "transformer": _denoiser(cfg)})
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"toy base model: {n_params / 1e6:.2f} M parameters")
+    print(f"toy base model: {cfg.denoiser}, {n_params / 1e6:.2f} M parameters")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
+    state_dir = out / "state"
+    start = 0
+    if (state_dir / "state.json").is_file():
+        start = _load_state(state_dir, model, ema, opt, sched, rng, gen, cfg)
+        print(f"toy pretrain: resumed from {state_dir} at step {start}")
+    _truncate_log(out / "pretrain_log.jsonl", start)
     by_kind = {k: [p for p in all_prompts() if p["tag"] == k] for k in KINDS}
     eval_metas = load_prompts(cfg.eval_prompts)[: cfg.eval_n]
     sampler = SamplerConfig(steps=cfg.eval_sampler_steps, guidance=cfg.eval_guidance)
     log = (out / "pretrain_log.jsonl").open("a")
     t0 = time.time()
-    bar = tqdm(range(1, cfg.steps + 1), desc="toy pretrain", unit="step")
+    record: dict = {"step": start}
+    bar = tqdm(range(start + 1, cfg.steps + 1), desc="toy pretrain", unit="step", initial=start, total=cfg.steps)
     for step in bar:
-        prompts, x0 = _batch(rng, by_kind, cfg.batch_size, cfg.caption_dropout)
+        prompts, x0 = _batch(rng, by_kind, cfg.batch_size, cfg.caption_dropout, cfg.caption_noise)
         eps = torch.randn(x0.shape, generator=gen)
         t = sample_t(x0.shape[0], gen, law="logit_normal", t_min=0.0, t_max=1.0)  # SD3's law
         xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
         h, pooled = model["text"](model["text"].tokenize(prompts))
-        v = model["transformer"](hidden_states=xt, timestep=t * 1000.0, encoder_hidden_states=h,
-                                 pooled_projections=pooled, return_dict=False)[0]
+        v = transformer_velocity(model["transformer"], xt, t, Conditioning(h, pooled))
         loss = F.mse_loss(v, eps - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -100,6 +174,8 @@ def main(cfg: ToyPretrainConfig) -> Path:
                 backend.save_pretrained(out / f"step_{step:06d}")
         log.write(json.dumps(record) + "\n")
         log.flush()
+        if step % cfg.state_every == 0 or step == cfg.steps:
+            _save_state(state_dir, step, model, ema, opt, sched, rng, gen, cfg)
     final = ToyBackend(ema["transformer"], ema["text"])
     final.save_pretrained(out)
     (out / "pretrain_result.json").write_text(json.dumps(record, indent=1))

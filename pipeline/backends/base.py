@@ -129,16 +129,31 @@ def flux_velocity(module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, 
     return unpack_latents(out, h, w)
 
 
+def unet_velocity(module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, *,
+                  guidance: float | None = None) -> torch.Tensor:
+    """v(x_t, t, c) of a `UNet2DConditionModel` (the toy world's convolutional denoiser): token states go to its
+    cross-attention, the pooled vector to its class-embedding projection (added to the timestep embedding, as
+    SD3's pooled projection is). Timesteps in [0, 1000] as SD3's. No guidance input: CFG at sampling."""
+    return module(x, _timesteps(t, x) * 1000.0, encoder_hidden_states=cond.prompt_embeds,
+                  class_labels=cond.pooled_embeds, return_dict=False)[0]
+
+
+# The velocity of each denoiser class: the one code path both stages take for a model of that class.
+DENOISERS: dict[str, Callable[..., torch.Tensor]] = {
+    "SD3Transformer2DModel": sd3_velocity,
+    "FluxTransformer2DModel": flux_velocity,
+    "UNet2DConditionModel": unet_velocity,
+}
+
+
 def transformer_velocity(module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, *,
                          guidance: float | None = None) -> torch.Tensor:
-    """v(x_t, t, c) of any registered backend's transformer, chosen by its diffusers class (the one a DeepSpeed
-    engine wraps): the SD3 family or FLUX. `guidance` is for guidance-embedded models only."""
+    """v(x_t, t, c) of any registered denoiser, chosen by its diffusers class (the one a DeepSpeed engine wraps):
+    the SD3 family, FLUX or the toy UNet. `guidance` is for guidance-embedded models only."""
     name = type(_inner(module)).__name__
-    for spec in BACKENDS.values():
-        if spec.transformer_class == name:
-            return spec.velocity(module, x, t, cond, guidance=guidance)
-    raise GdroError(f"no registered backend uses a {name}; known: "
-                    f"{', '.join(sorted({s.transformer_class for s in BACKENDS.values()}))}")
+    if name not in DENOISERS:
+        raise GdroError(f"no registered backend uses a {name}; known: {', '.join(sorted(DENOISERS))}")
+    return DENOISERS[name](module, x, t, cond, guidance=guidance)
 
 
 # ------------------------------------------------------------------------------------------ the registry
@@ -190,11 +205,11 @@ def _flux_latent_shape(path: str, resolution: int) -> tuple[int, int, int]:
 class BackendSpec:
     name: str
     load: Callable[..., ModelBackend]  # (path, **options) -> the whole model (stage one, eval)
-    transformer_class: str  # the diffusers class of <path>/transformer (all stage two loads)
-    velocity: Callable[..., torch.Tensor]  # (module, x, t, cond, *, guidance) -> v, for both stages
+    denoisers: tuple[str, ...]  # diffusers classes <path>/transformer may hold (all stage two loads); the
+    # velocity of each is DENOISERS[class], for both stages
     latent_shape: Callable[[str, int], tuple[int, int, int]]  # (path, resolution) from configs, no weights
     guidance_mode: str  # "cfg" (classifier-free at sampling) | "embedded" (a model input, guidance-distilled)
-    lora_pipeline: str  # the diffusers pipeline class whose LoRA format the export writes
+    lora_pipeline: str  # the diffusers pipeline class whose LoRA format the export writes (see lora_format)
 
 
 def _load_toy(path: str, **kw) -> ModelBackend:
@@ -228,11 +243,12 @@ def register_backend(spec: BackendSpec) -> BackendSpec:
     return spec
 
 
-register_backend(BackendSpec("toy", _load_toy, "SD3Transformer2DModel", sd3_velocity, _toy_latent_shape,
+# The toy world's shipped base is a UNet; tiny SD3-transformer toy models keep the SD3 code path under test.
+register_backend(BackendSpec("toy", _load_toy, ("UNet2DConditionModel", "SD3Transformer2DModel"),
+                             _toy_latent_shape, "cfg", "StableDiffusion3Pipeline"))
+register_backend(BackendSpec("sd3", _load_sd3, ("SD3Transformer2DModel",), _sd3_latent_shape,
                              "cfg", "StableDiffusion3Pipeline"))
-register_backend(BackendSpec("sd3", _load_sd3, "SD3Transformer2DModel", sd3_velocity, _sd3_latent_shape,
-                             "cfg", "StableDiffusion3Pipeline"))
-register_backend(BackendSpec("flux", _load_flux, "FluxTransformer2DModel", flux_velocity, _flux_latent_shape,
+register_backend(BackendSpec("flux", _load_flux, ("FluxTransformer2DModel",), _flux_latent_shape,
                              "embedded", "FluxPipeline"))
 
 
@@ -266,11 +282,22 @@ def load_transformer(name: str, path: str):
     """Only the denoiser, for stage two (no text encoder, no VAE), as the backend's diffusers class."""
     import diffusers
 
-    spec = spec_of(name)
+    spec_of(name)  # an unknown backend is named first
     folder = Path(path) / "transformer"
     if not (folder / "config.json").is_file():
         raise GdroError(f"model.path: {folder} has no config.json; point model.path at a local model folder")
-    return getattr(diffusers, spec.transformer_class).from_pretrained(folder, local_files_only=True)
+    cls = denoiser_class(name, path)
+    return getattr(diffusers, cls).from_pretrained(folder, local_files_only=True)
+
+
+def denoiser_class(name: str, path: str) -> str:
+    """The diffusers class of <path>/transformer (its config's `_class_name`), checked against the backend's."""
+    spec = spec_of(name)
+    cls = _read_config(path, "transformer").get("_class_name", spec.denoisers[0])
+    if cls not in spec.denoisers:
+        raise GdroError(f"model.path: {Path(path) / 'transformer'} holds a {cls}; the {name!r} backend takes "
+                        f"{' or '.join(spec.denoisers)}")
+    return cls
 
 
 def velocity_fn(name: str, *, guidance: float | None = None) -> Callable[..., torch.Tensor]:
@@ -280,7 +307,10 @@ def velocity_fn(name: str, *, guidance: float | None = None) -> Callable[..., to
     g = guidance if spec.guidance_mode == "embedded" else None
 
     def v(module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return spec.velocity(module, x, t, cond, guidance=g)
+        cls = type(_inner(module)).__name__
+        if cls not in spec.denoisers:
+            raise GdroError(f"the {name!r} backend takes {' or '.join(spec.denoisers)}, not a {cls}")
+        return DENOISERS[cls](module, x, t, cond, guidance=g)
 
     return v
 

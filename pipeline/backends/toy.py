@@ -1,8 +1,9 @@
-"""The toy backend: a tiny SD3 transformer in pixel space plus a word-level text encoder.
+"""The toy backend: a small denoiser in pixel space plus a word-level text encoder.
 
-Pixel space is the "latent" space here (decode is a clamp and a cast), so stage one stores images as latents
-and the SD3 code path (patch embedding, joint attention, AdaLN, flow-matching timesteps in [0, 1000]) is the
-one real SD3 models take. The text encoder is ours: a word vocabulary of the toy world, learned position
+Pixel space is the "latent" space here (decode is a clamp and a cast), so stage one stores images as latents.
+The denoiser is either diffusers' `UNet2DConditionModel` (the shipped base: convolutions draw the world's
+shapes crisply on a CPU budget) or a tiny `SD3Transformer2DModel` (the tests' tiny models, so the SD3 code
+path, patch embedding, joint attention, AdaLN, stays exercised); the model folder's config names which. The text encoder is ours: a word vocabulary of the toy world, learned position
 embeddings and two transformer layers (SD3's joint attention has no text positions, so order must be encoded
 before it), trained jointly with the transformer by `stages/toy_pretrain.py` and frozen afterwards.
 """
@@ -106,6 +107,23 @@ def build_transformer(*, text_dim: int = 128, pooled_dim: int = 128, layers: int
     )
 
 
+def build_unet(*, text_dim: int = 128, pooled_dim: int = 128, channels: tuple[int, ...] = (32, 64, 128),
+               layers_per_block: int = 1, head_dim: int = 32):
+    """A small UNet2DConditionModel on 32x32x3 pixels: convolutions at 32, 16 and 8 px, cross-attention to the
+    prompt only at 8x8 (where a pixel sees the whole scene), the pooled prompt vector added to the timestep
+    embedding. Convolutions draw crisp shapes on CPU budgets where a 4-px-patch transformer draws blobs."""
+    from diffusers import UNet2DConditionModel
+
+    n = len(channels)
+    return UNet2DConditionModel(
+        sample_size=SIZE, in_channels=3, out_channels=3, block_out_channels=tuple(channels),
+        down_block_types=("DownBlock2D",) * (n - 1) + ("CrossAttnDownBlock2D",),
+        up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (n - 1),
+        layers_per_block=layers_per_block, cross_attention_dim=text_dim, attention_head_dim=head_dim,
+        norm_num_groups=8, class_embed_type="projection", projection_class_embeddings_input_dim=pooled_dim,
+    )
+
+
 class ToyBackend:
     """The model-backend interface (see `base.ModelBackend`) for the toy world."""
 
@@ -124,7 +142,9 @@ class ToyBackend:
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
                         load_text_encoder: bool = True) -> ToyBackend:
-        from diffusers import SD3Transformer2DModel
+        import diffusers
+
+        from .base import denoiser_class
 
         path = Path(path)
         for need in ("transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
@@ -132,7 +152,8 @@ class ToyBackend:
             if not (path / need).is_file():
                 raise GdroError(f"toy model folder {path} lacks {need}; point model.path at a folder written by "
                                 f"`gdro toy pretrain` (the shipped one is models/toy-base)")
-        transformer = SD3Transformer2DModel.from_pretrained(path / "transformer", local_files_only=True)
+        denoiser = getattr(diffusers, denoiser_class("toy", str(path)))  # the UNet base or a tiny SD3 transformer
+        transformer = denoiser.from_pretrained(path / "transformer", local_files_only=True)
         text = ToyTextEncoder.load(path / "text_encoder") if load_text_encoder else None
         return cls(transformer.eval(), text.eval() if text is not None else None, device=device, dtype=dtype)
 

@@ -154,3 +154,43 @@ def sample_scene(meta: dict, rng: np.random.Generator, max_tries: int = 500) -> 
         if ok:
             return objs
     raise RuntimeError(f"could not place the scene for {meta['prompt']!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Noisy captions: the pre-training pairs whose caption describes another scene than the one drawn, as web
+# captions often do. The perturbation keeps every object drawable and changes one compositional fact.
+
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+PERTURBED_KINDS = ("two_object", "counting", "colors", "position", "color_attr")  # single objects stay clean
+
+
+def perturb(meta: dict, rng: np.random.Generator) -> dict:
+    """The metadata of a scene that differs from `meta` in one compositional fact (its caption is not changed:
+    the caller pairs the original caption with a render of this scene). Single-object prompts come back as
+    they are. Per kind: two objects -> one of them missing; a count n -> n - 1 or n + 1 (within 1..4);
+    a colour -> another colour; a relation -> its opposite; two coloured objects -> their colours swapped (one recoloured if
+    they share a colour)."""
+    kind = meta["tag"]
+    inc = [dict(o) for o in meta["include"]]
+    if kind == "two_object":
+        inc = [inc[int(rng.integers(2))]]
+    elif kind == "counting":
+        n = int(inc[0]["count"])
+        options = [m for m in (n - 1, n + 1) if 1 <= m <= max(NUMBERS)]
+        inc[0]["count"] = options[int(rng.integers(len(options)))]
+        return {**meta, "include": inc, "exclude": [{**inc[0], "count": inc[0]["count"] + 1}]}
+    elif kind == "colors":
+        others = [c for c in COLORS if c != inc[0]["color"]]
+        inc[0]["color"] = others[int(rng.integers(len(others)))]
+    elif kind == "position":
+        inc[1]["position"] = [OPPOSITE[inc[1]["position"][0]], inc[1]["position"][1]]
+    elif kind == "color_attr":
+        if inc[0]["color"] != inc[1]["color"]:
+            inc[0]["color"], inc[1]["color"] = inc[1]["color"], inc[0]["color"]
+        else:  # swapping equal colours changes nothing: recolour one object instead
+            j = int(rng.integers(2))
+            others = [c for c in COLORS if c != inc[j]["color"]]
+            inc[j]["color"] = others[int(rng.integers(len(others)))]
+    elif kind != "single_object":
+        raise ValueError(f"unknown kind {kind!r}; known: {', '.join(KINDS)}")
+    return {**meta, "include": inc}
