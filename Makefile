@@ -13,7 +13,7 @@ PRESET ?= toy
 ARGS ?=
 
 .PHONY: help setup lint test test-fast rollouts train eval bench toy-base toy-samples prompts clean \
-	slurm-rollouts slurm-train slurm-eval slurm-all slurm-up slurm-down hack-demo
+	slurm-rollouts slurm-train slurm-eval slurm-all slurm-up slurm-down hack-demo toy-check ceiling
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -73,6 +73,13 @@ bench: setup ## benchmarks, written as a table to bench/out/
 
 toy-base: setup ## re-train the shipped toy base model (about an hour on 2 CPU cores)
 	$(BIN)/gdro toy pretrain --set out=models/toy-base $(ARGS)
+
+toy-check: setup ## the toy base model's checks: per-kind table, true renders of the same lines, PASS/MISS
+	$(BIN)/gdro toy score --model models/toy-base
+
+ceiling: setup ## the ground-truth ceiling (outside the paradigm): fit true renders for the compute of `make train`, then evaluate it
+	$(BIN)/gdro toy ceiling --preset $(PRESET) $(ARGS)
+	$(BIN)/gdro eval --preset $(PRESET) --set eval.checkpoint=runs/toy-ceiling/export --set eval.out=runs/toy-ceiling/eval $(ARGS)
 
 toy-samples: setup ## draw the toy base model's sample grid (docs/toy_base_samples.png)
 	$(BIN)/gdro toy samples --model models/toy-base --out docs/toy_base_samples.png

@@ -231,7 +231,9 @@ def toy_prompts(out, n_train, n_test):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a pretrain key, e.g. --set steps=500 --set out=runs/mine (repeatable).")
 def toy_pretrain(files, overrides):
-    """Pre-train the toy base model (text encoder + tiny SD3 transformer) on rendered scenes.
+    """Pre-train the toy base model (text encoder + small UNet) on rendered scenes with noisy captions.
+
+    A rerun with the same settings resumes from <out>/state (same result as an uninterrupted run).
 
     The shipped weights in models/toy-base come from `gdro toy pretrain --set out=models/toy-base`
     with the defaults (seed 0); see README, "The toy base model".
@@ -243,6 +245,21 @@ def toy_pretrain(files, overrides):
     from stages.toy_pretrain import main as run
 
     click.echo(f"saved {run(cfg)}")
+
+
+@toy.command("ceiling")
+@config_options
+@click.option("--out", default="runs/toy-ceiling", show_default=True, type=click.Path(file_okay=False))
+@click.option("--lr", default=1e-4, show_default=True, help="AdamW learning rate of the flow-matching fit.")
+@click.option("--seed", default=0, show_default=True)
+def toy_ceiling(preset, files, overrides, out, lr, seed):
+    """The ground-truth ceiling (outside the paradigm): fit the base to true renders of the training prompts
+    for the compute of `gdro train`, then write <out>/export. Evaluate it with
+    `gdro eval --set eval.checkpoint=<out>/export --set eval.out=<out>/eval` (or `make ceiling`)."""
+    cfg = _experiment(preset, files, overrides)
+    from stages.toy_ceiling import main as run
+
+    click.echo(f"wrote {run(cfg, out=Path(out), lr=lr, seed=seed)}")
 
 
 @toy.command("samples")
@@ -267,19 +284,27 @@ def toy_samples(model, out, prompts, per_kind, seeds, steps, guidance):
 @click.option("--steps", default=16, show_default=True, help="Euler steps.")
 @click.option("--guidance", default=1.0, show_default=True)
 @click.option("--limit", default=0, help="Only the first N prompt lines (0 = all).")
-def toy_score(model, prompts, steps, guidance, limit):
-    """Sample one image per test prompt line and print the verifier's per-kind table."""
-    from stages.toy_pretrain import evaluate
-
+@click.option("--seed", default=777, show_default=True, help="Noise seeds (777 = gdro eval's eval.base_seed).")
+def toy_score(model, prompts, steps, guidance, limit, seed):
+    """Sample one image per test prompt line, print the verifier's per-kind table, the true renders' table of
+    the same lines and the checks a toy base model must pass (it draws; it composes unreliably)."""
     from .backends.toy import ToyBackend
+    from .evaluation import sample_prompt_set
     from .prompts import load_prompts
     from .sampling import SamplerConfig
-    from .toy.scoring import format_table
+    from .toy.scoring import base_target_checks, format_table, kind_table, score_images, true_render_scores
 
     metas = load_prompts(prompts)
     metas = metas[:limit] if limit else metas
-    result = evaluate(ToyBackend.from_pretrained(model), metas, SamplerConfig(steps=steps, guidance=guidance))
-    click.echo(format_table(result["table"]))
+    kinds = [m["tag"] for m in metas]
+    images = sample_prompt_set(ToyBackend.from_pretrained(model), metas,
+                               SamplerConfig(steps=steps, guidance=guidance), base_seed=seed)
+    table = kind_table(score_images(images, metas), kinds)
+    truth = kind_table(true_render_scores(metas), kinds)
+    click.echo(f"{model} on {len(metas)} lines of {prompts}:\n{format_table(table)}")
+    click.echo(f"\ntrue renders of the same lines:\n{format_table(truth)}\n\nbase-model checks:")
+    for what, value, met in base_target_checks(table, truth["quality"]["overall"]):
+        click.echo(f"  {'PASS' if met else 'MISS'}  {what}: {value:.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:

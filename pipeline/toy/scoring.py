@@ -38,3 +38,31 @@ def format_table(table: dict[str, dict[str, float]]) -> str:
     head = f"{'metric':<{width}}" + "".join(f"{c[:11]:>12}" for c in cols)
     lines = [head] + [f"{m:<{width}}" + "".join(f"{row[c]:>12.3f}" for c in cols) for m, row in table.items()]
     return "\n".join(lines)
+
+
+def true_render_scores(metas: list[dict], seed: int = 0) -> dict[str, np.ndarray]:
+    """The verifier's scores of true renders of each prompt line (scene of line i drawn with seed (seed, i)):
+    the world's own ceiling, against which a model's out-of-domain quality is read."""
+    from .prompts import sample_scene
+    from .world import render
+
+    images = np.stack([render(sample_scene(m, np.random.default_rng([seed, i]))) for i, m in enumerate(metas)])
+    return score_images(images, metas)
+
+
+# What a toy base model must be to make post-training measurable: able to draw (single objects, quality near
+# true renders) but unreliable in composition (strict accuracy well below 1, with room above it).
+BASE_TARGETS = {"strict": (0.25, 0.55), "single_object": 0.85, "quality_ratio": 0.8}
+
+
+def base_target_checks(table: dict[str, dict[str, float]], true_quality: float) -> list[tuple[str, float, bool]]:
+    """(description, value, met) for each of BASE_TARGETS, from a model's kind table and the true renders'
+    mean quality on the same prompt lines."""
+    lo, hi = BASE_TARGETS["strict"]
+    strict, single = table["strict"]["overall"], table["strict"].get("single_object", float("nan"))
+    ratio = table["quality"]["overall"] / true_quality
+    return [(f"strict in [{lo}, {hi}]", strict, lo <= strict <= hi),
+            (f"single-object strict >= {BASE_TARGETS['single_object']}", single,
+             single >= BASE_TARGETS["single_object"]),
+            (f"quality / true renders' >= {BASE_TARGETS['quality_ratio']}", ratio,
+             ratio >= BASE_TARGETS["quality_ratio"])]

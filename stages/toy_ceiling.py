@@ -1,0 +1,79 @@
+"""Recipe: the toy world's ground-truth ceiling, outside the paradigm. Not a way to train; a yardstick.
+
+Fine-tunes the base with plain flow matching on *true renders* of the training prompts (the world's ground
+truth, which offline reward training never sees), for the compute of the default `gdro train`: train.steps
+optimiser steps of train.groups_per_step x rollouts.group_size images each, EMA as train.ema_decay. The gain
+of this model over the base on the held-out prompts (`gdro eval --set eval.checkpoint=<out>/export`) is the
+most that better data for those prompts could give in that budget; reward-trained runs are reported as a
+share of it. setup -> train (fresh scenes every step) -> <out>/export (a model folder) + <out>/ceiling.json.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.backends.base import transformer_velocity
+from pipeline.backends.toy import ToyBackend
+from pipeline.config import ExperimentConfig, save_resolved, to_dict
+from pipeline.errors import GdroError
+from pipeline.flow import flow_errors, sample_t
+from pipeline.prompts import load_prompts
+from pipeline.toy.prompts import sample_scene
+from pipeline.toy.world import render, to_unit
+
+
+def main(cfg: ExperimentConfig, *, out: Path, lr: float = 1e-4, seed: int = 0) -> Path:
+    if cfg.model.backend != "toy":
+        raise GdroError("the ground-truth ceiling needs the toy world's renderer: model.backend must be toy")
+    t = cfg.train
+    torch.manual_seed(seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, out / "config.json")
+    metas = load_prompts(cfg.rollouts.prompts)
+    metas = metas[: cfg.rollouts.num_prompts] if cfg.rollouts.num_prompts else metas
+    base = ToyBackend.from_pretrained(cfg.model.path)
+    policy = base.transformer.train()
+    ema = copy.deepcopy(policy).eval().requires_grad_(False) if t.ema_decay else None
+    opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(t.warmup_steps, 1)))
+    rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    n = t.groups_per_step * cfg.rollouts.group_size
+    t0 = time.time()
+    bar = tqdm(range(1, t.steps + 1), desc="toy ceiling", unit="step")
+    for _step in bar:
+        batch = [metas[int(i)] for i in rng.integers(len(metas), size=n)]
+        x0 = torch.from_numpy(np.stack([to_unit(render(sample_scene(m, rng))) for m in batch]))
+        cond = base.encode_prompts([m["prompt"] for m in batch])  # the frozen text encoder, as in stage one
+        tt = sample_t(n, gen, law="logit_normal", t_min=0.0, t_max=1.0)  # the pre-training law
+        eps = torch.randn(x0.shape, generator=gen)
+        loss = flow_errors(lambda x, s, c: transformer_velocity(policy, x, s, c), x0, eps, tt, cond).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), t.max_grad_norm)
+        opt.step()
+        sched.step()
+        if ema is not None:
+            with torch.no_grad():
+                for pe, pp in zip(ema.parameters(), policy.parameters()):
+                    pe.lerp_(pp, 1.0 - t.ema_decay)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    wall = time.time() - t0
+    final = ToyBackend((ema if ema is not None else policy).eval(), base.text_encoder)
+    tmp = out / "export.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    final.save_pretrained(tmp)
+    shutil.rmtree(out / "export", ignore_errors=True)
+    tmp.rename(out / "export")
+    info = {"steps": t.steps, "images_per_step": n, "lr": lr, "seed": seed, "ema_decay": t.ema_decay,
+            "train_prompts": len(metas), "wall_s": round(wall, 1), "base": cfg.model.path,
+            "train": to_dict(t)}
+    (out / "ceiling.json").write_text(json.dumps(info, indent=1) + "\n")
+    return out / "export"
