@@ -49,6 +49,24 @@ def cli():
     """
 
 
+@cli.command("compare")
+@config_options
+@click.option("--variant", "variants", multiple=True, required=True, metavar="LOSS[:KEY=VALUE,...]",
+              help="A loss with optional overrides, e.g. dgpo or dpo:train.beta=50 (repeatable).")
+@click.option("--out", default="runs/compare", show_default=True, type=click.Path(file_okay=False))
+@click.option("--ceiling", default=None, type=click.Path(file_okay=False),
+              help="The eval folder of the ground-truth ceiling (make ceiling: runs/toy-ceiling/eval).")
+@click.option("--doc", default=None, type=click.Path(dir_okay=False), help="Also write the table here.")
+def compare(preset, files, overrides, variants, out, ceiling, doc):
+    """Train and evaluate each variant on the same dataset, steps, seeds and held-out noise; one table."""
+    if files:
+        raise GdroError("gdro compare takes --preset and --set only (each run re-reads them)")
+    from stages.compare import main as run
+
+    click.echo(run(preset, list(overrides), list(variants), Path(out), Path(ceiling) if ceiling else None,
+                   Path(doc) if doc else None))
+
+
 # ------------------------------------------------------------------------------------------------ config
 @cli.group()
 def config():
