@@ -1,6 +1,6 @@
 """Recipe: benchmarks, each a ratio of ours vs. the plain alternative measured in the same run on the same
 machine (absolute times on a shared CPU mean little). Writes bench/out/results.md and results.json; a row with a
-goal (issue 4's acceptance) says PASS or MISS beside its figure.
+goal (the stage-two performance goals) says PASS or MISS beside its figure.
 
 - rollouts end to end: `gdro rollouts` vs. a plain prompt-by-prompt loop, and its wall-time shares; the dataset
   it writes (in a temporary folder: the bench needs nothing but a clone) feeds every training row below;

@@ -1,4 +1,4 @@
-"""Benchmark for the real backends (issue 6): stage one on a tiny random-weight SD3 pipeline, `gdro rollouts`
+"""Benchmark for the real backends: stage one on a tiny random-weight SD3 pipeline, `gdro rollouts`
 against diffusers' own `StableDiffusion3Pipeline` called in a loop with the same steps, guidance, resolution
 and batch, measured in the same run (the ratio is what carries over between machines).
 

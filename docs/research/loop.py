@@ -1,10 +1,10 @@
-"""Plain-torch research loop behind the README rows marked "loop" (issue 4; not product code): the toy model, a
+"""Plain-torch research loop behind the rows marked "loop" in docs/research/LOG.md (not product code): the toy model, a
 live frozen reference, fresh (t, eps) draws per group, optional EMA of the weights and an A+-weighted flow-matching
 term (`--sft_on all`: every member, equal weights: the model fitted to its own samples). `--loss render` is a
 ceiling diagnostic outside the paradigm: flow matching on true renders of the training prompts. The model, dataset, test prompts, eval seed and sampler come from a preset's config (`--preset`, toy by
 default; `--set` overrides as in the CLI); evaluates on the first --eval_n test lines like `gdro eval`. Run from
 the repo root:
-  OMP_NUM_THREADS=1 .venv/bin/python docs/research/issue4_loop.py --lr 5e-5 --ema 0.99 --tmin 0.5 --scope batch"""
+  OMP_NUM_THREADS=1 .venv/bin/python docs/research/loop.py --lr 5e-5 --ema 0.99 --tmin 0.5 --scope batch"""
 import argparse
 import copy
 import json
