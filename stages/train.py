@@ -334,7 +334,9 @@ def _merged_copy(model, cfg: ExperimentConfig, lora_dir: Path):
     from peft.utils import get_peft_model_state_dict
 
     pipeline_cls = getattr(diffusers, spec_of(cfg.model.backend).lora_pipeline)  # the backend's LoRA format
+    # the adapter's config (rank, alpha, targets) goes with it: without it diffusers loads alpha as the rank
     pipeline_cls.save_lora_weights(str(lora_dir), transformer_lora_layers=get_peft_model_state_dict(model),
+                                   transformer_lora_adapter_metadata=model.peft_config["default"].to_dict(),
                                    safe_serialization=True)
     for mod in model.modules():
         if isinstance(mod, BaseTunerLayer):
