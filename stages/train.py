@@ -123,6 +123,17 @@ def _prune(ckdir: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _frozen_copy(model: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
+    """The live reference for train.reference=copy, cast as DeepSpeed casts the engine's module (parameters to
+    the training dtype, buffers such as SD3's position table kept as they are), so that it computes exactly
+    what the policy computes at step 0."""
+    ref = copy.deepcopy(model).requires_grad_(False).eval().to(device)
+    for p in ref.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    return ref
+
+
 def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
     import deepspeed
     import torch.distributed as dist
@@ -165,8 +176,9 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
 
     # ---- model, reference, engine
     bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    dtype = torch.bfloat16 if bf16 else torch.float32  # DeepSpeed casts the engine's module and inputs to it
     transformer = load_transformer(cfg.model.backend, cfg.model.path)
-    reference = copy.deepcopy(transformer).requires_grad_(False).eval().to(device) if ref_mode == "copy" else None
+    reference = _frozen_copy(transformer, device, dtype) if ref_mode == "copy" else None
     if lora:
         from peft import LoraConfig
 
@@ -194,7 +206,6 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
                                 f"train.ema_decay); resume with train.ema_decay=0 or start a new train.out")
             ema.load_state_dict(client["ema"])
         print0(f"train: resumed from {ckdir / start_tag} at step {step}")
-    dtype = torch.bfloat16 if bf16 else torch.float32
     print0(f"train: {n_trainable / 1e6:.3f} M trainable parameters ({'LoRA' if lora else 'full'}), "
            f"loss {t.loss}, reference {ref_mode}, ZeRO-{t.zero_stage}, {dtype}, {world} rank(s), G={G}"
            + (f", EMA {t.ema_decay:g}" if ema is not None else ""))

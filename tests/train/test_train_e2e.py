@@ -258,6 +258,16 @@ def test_copy_reference_with_kl(datasets, tiny_toy_model):
     assert differs(transformer_weights(out / "export"), transformer_weights(Path(tiny_toy_model)))
 
 
+def test_copy_reference_under_bf16(datasets, tiny_toy_model):
+    """train.precision=bf16: DeepSpeed casts the engine's module and inputs to bf16, and the frozen copy must
+    compute in bf16 too; at step 0 it is the policy exactly (rho = 0, KL = 0)."""
+    out = datasets["root"] / "run_copy_bf16"
+    run_train(make_cfg(tiny_toy_model, datasets["live"], out, "train.steps=1", "train.reference=copy",
+                       "train.precision=bf16", "train.kl_beta=0.1", "train.loss=gdro-ce"))
+    (rec,) = metrics(out)
+    assert rec["rho_mean"] == 0.0 and rec["kl"] == 0.0 and math.isfinite(rec["loss"])
+
+
 # ------------------------------------------------------------------------------------------- refusals
 # --------------------------------------------------------------------------------------- EMA of the weights
 def _states(tag_dir: Path) -> dict:
