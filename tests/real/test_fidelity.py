@@ -79,3 +79,35 @@ def test_exported_adapter_loads_at_the_strength_it_was_trained_at(tiny, tmp_path
     merged = pipeline_images(folder)
     assert np.abs(loaded - base).max() > 1e-2  # the adapter matters
     np.testing.assert_allclose(loaded, merged, atol=1e-4)
+
+
+def captured_timesteps(module) -> tuple[list[torch.Tensor], object]:
+    """The `timestep` argument of every call of `module` (a forward pre-hook), and the hook's handle."""
+    seen: list[torch.Tensor] = []
+
+    def hook(_mod, _args, kwargs):
+        seen.append(kwargs["timestep"].detach().double().clone())
+
+    return seen, module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_sd3_transformer_sees_diffusers_timesteps_in_bf16(tiny):
+    """A bf16 model: the timesteps gdro's sampler hands the transformer are StableDiffusion3Pipeline's (float32
+    1000 t), not 1000 x a bf16-rounded t (up to 2.65 off on this 10-step, shift-3 schedule)."""
+    from pipeline.backends.base import load_backend
+    from pipeline.sampling import SamplerConfig, sample
+    from schemas.seeds import noise_for
+
+    backend = load_backend("sd3", str(tiny["sd3"]), dtype=torch.bfloat16, device="cpu", resolution=32,
+                           max_sequence_length=MAX_LEN, guidance=4.5)
+    noise = noise_for(0, backend.latent_shape)[None]
+    ours, handle = captured_timesteps(backend.transformer)
+    sample(backend, noise, backend.encode_prompts(PROMPTS[:1]), SamplerConfig(steps=10, shift=3.0, guidance=4.5),
+           null_cond=backend.encode_prompts([""]))
+    handle.remove()
+    theirs, handle = captured_timesteps(backend.pipe.transformer)
+    backend.pipe(PROMPTS[:1], num_inference_steps=10, height=32, width=32, guidance_scale=4.5,
+                 max_sequence_length=MAX_LEN, latents=noise.to(torch.bfloat16), output_type="latent")
+    handle.remove()
+    assert len(ours) == len(theirs) == 10
+    torch.testing.assert_close(torch.stack(ours), torch.stack(theirs), rtol=0, atol=1e-3)
