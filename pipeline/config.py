@@ -41,12 +41,14 @@ class ModelConfig:
 class SamplerConfig:
     scheduler: str = "FlowMatchEulerDiscreteScheduler"  # any diffusers FlowMatch* scheduler
     steps: int = 16  # ODE solver steps
-    shift: float = 1.0  # timestep shift (SD3.5 uses 3.0)
+    shift: float = 1.0  # timestep shift (SD3.5 uses 3.0); 0 = the model's own, resolution-dependent shift (flux
+    # only: FluxPipeline's exp(mu), mu from the image's token count and the model's scheduler config)
     guidance: float = 1.0  # classifier-free guidance scale; 1 = off
 
     def check(self, key: str) -> None:
         _positive(f"{key}steps", self.steps)
-        _positive(f"{key}shift", self.shift)
+        if self.shift < 0:
+            raise GdroError(f"{key}shift must be > 0, or 0 for the model's own (flux), got {self.shift}")
         if self.guidance < 1.0:
             raise GdroError(f"{key}guidance must be >= 1 (1 disables guidance), got {self.guidance}")
 

@@ -111,3 +111,40 @@ def test_sd3_transformer_sees_diffusers_timesteps_in_bf16(tiny):
     handle.remove()
     assert len(ours) == len(theirs) == 10
     torch.testing.assert_close(torch.stack(ours), torch.stack(theirs), rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("shift", ["model", "exp_mu"])
+def test_flux_sampler_follows_flux_pipeline(tiny, shift):
+    """The timesteps FLUX's transformer receives and the final latents of gdro's sampler equal FluxPipeline's
+    (sigmas linspace(1, 1/N, N) shifted by exp(mu), mu from the token count): with sampler.shift = 0 (the
+    model's own shift) and with sampler.shift = exp(mu) computed here from FLUX.1's scheduler constants."""
+    from pipeline.backends.base import load_backend, pack_latents, unpack_latents
+    from pipeline.sampling import SamplerConfig, sample
+    from schemas.seeds import noise_for
+
+    backend = load_backend("flux", str(tiny["flux"]), device="cpu", resolution=32, max_sequence_length=MAX_LEN,
+                           guidance=3.5)
+    tokens = 8 * 8  # 16 x 16 latents in 2 x 2 patches
+    exp_mu = float(np.exp(0.5 + (tokens - 256) * (1.15 - 0.5) / (4096 - 256)))
+    sampler = SamplerConfig(steps=4, shift=0.0 if shift == "model" else exp_mu, guidance=3.5)
+    noise = torch.stack([noise_for(s, backend.latent_shape) for s in (1, 2)])
+    ours_t, handle = captured_timesteps(backend.transformer)
+    ours = sample(backend, noise, backend.encode_prompts(PROMPTS), sampler)
+    handle.remove()
+    theirs_t, handle = captured_timesteps(backend.pipe.transformer)
+    packed = backend.pipe(PROMPTS, num_inference_steps=4, height=32, width=32, guidance_scale=3.5,
+                          max_sequence_length=MAX_LEN, latents=pack_latents(noise.clone()), output_type="latent").images
+    handle.remove()
+    torch.testing.assert_close(torch.stack(ours_t), torch.stack(theirs_t), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ours, unpack_latents(packed, 16, 16), rtol=1e-4, atol=1e-5)
+
+
+def test_shift_zero_is_for_flux_only(tiny):
+    from pipeline.backends.base import load_backend
+    from pipeline.errors import GdroError
+    from pipeline.sampling import SamplerConfig, sample
+
+    backend = load_backend("sd3", str(tiny["sd3"]), device="cpu", resolution=32, max_sequence_length=MAX_LEN)
+    with pytest.raises(GdroError, match="sampler.shift=0"):
+        sample(backend, torch.zeros(1, *backend.latent_shape), backend.encode_prompts(PROMPTS[:1]),
+               SamplerConfig(steps=2, shift=0.0))
