@@ -198,7 +198,8 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
     ema = WeightEMA(engine.module, t.ema_decay) if t.ema_decay else None
     step = 0
     if start_tag:
-        _, client = engine.load_checkpoint(str(ckdir), tag=start_tag)
+        # a LoRA checkpoint holds no frozen weights (save_checkpoint): those stay as loaded from model.path
+        _, client = engine.load_checkpoint(str(ckdir), tag=start_tag, load_module_strict=not lora)
         step = int(client["step"])
         if ema is not None:
             if "ema" not in client:
@@ -330,7 +331,9 @@ def save_checkpoint(engine, cfg: ExperimentConfig, ckdir: Path, step: int, rank:
 
     tag = f"step_{step:07d}"
     client = {"step": step, "config": to_dict(cfg), **({"ema": ema.state_dict()} if ema is not None else {})}
-    engine.save_checkpoint(str(ckdir), tag=tag, client_state=client, save_latest=False)
+    # LoRA: only the trainable weights (and the optimiser's state of them); the frozen base is model.path's
+    engine.save_checkpoint(str(ckdir), tag=tag, client_state=client, save_latest=False,
+                           exclude_frozen_parameters=cfg.train.lora_rank > 0)
     dist.barrier()
     if rank == 0:
         layout.atomic_write(ckdir / "latest", tag.encode())
