@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.backends.base import Conditioning, dataset_velocity, load_transformer, spec_of
-from pipeline.config import ExperimentConfig, save_resolved, to_dict
+from pipeline.config import ExperimentConfig, TrainConfig, save_resolved, to_dict
 from pipeline.data import check_dataset, group_batches
 from pipeline.distributed import deepspeed_config, init_distributed, print0
 from pipeline.ema import WeightEMA
@@ -33,7 +33,15 @@ from schemas import layout
 from schemas.seeds import noise_for
 
 CHECKPOINTS = "checkpoints"
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+LORA_TARGETS = TrainConfig().lora_targets  # the default: every attention projection of these names
+
+
+def lora_config(t: TrainConfig):
+    """peft's LoraConfig of train.lora_rank, lora_alpha (0: the rank) and lora_targets."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha or t.lora_rank, init_lora_weights="gaussian",
+                      target_modules=list(t.lora_targets))
 
 
 def resolve_reference(mode: str, manifest: dict, lora: bool) -> str:
@@ -180,11 +188,8 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
     transformer = load_transformer(cfg.model.backend, cfg.model.path)
     reference = _frozen_copy(transformer, device, dtype) if ref_mode == "copy" else None
     if lora:
-        from peft import LoraConfig
-
         transformer.requires_grad_(False)
-        transformer.add_adapter(LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha or t.lora_rank,
-                                           init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+        transformer.add_adapter(lora_config(t))
     if t.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()

@@ -4,6 +4,7 @@ sampling schedule, SD3.5-Medium's dual-attention blocks.
 """
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -148,3 +149,29 @@ def test_shift_zero_is_for_flux_only(tiny):
     with pytest.raises(GdroError, match="sampler.shift=0"):
         sample(backend, torch.zeros(1, *backend.latent_shape), backend.encode_prompts(PROMPTS[:1]),
                SamplerConfig(steps=2, shift=0.0))
+
+
+DGPO_TARGETS = re.compile(r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|"
+                          r"to_add_out)")  # DGPO's eight LoRA targets (its scripts/train_sd3_dgpo.py), `attn` only
+
+
+@pytest.mark.parametrize("preset", ["sd35_ocr", "sd35_geneval", "sd35_pickscore"])
+def test_sd35_presets_adapt_dgpo_lora_targets(preset):
+    """On an SD3.5-Medium-shaped transformer (dual-attention blocks: a second attention `attn2`), the presets'
+    LoRA adapts exactly DGPO's modules: every projection of `attn`, none of `attn2`."""
+    from diffusers import SD3Transformer2DModel
+
+    from pipeline.config import ExperimentConfig, resolve
+    from stages.train import lora_config
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                  caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=8,
+                                  dual_attention_layers=(0,))
+    linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert any(".attn2." in n for n in linear)  # the shape under test
+    want = {n for n in linear if DGPO_TARGETS.fullmatch(n)}
+    model.add_adapter(lora_config(resolve(ExperimentConfig, preset=preset, overrides=["train.lora_rank=4"]).train))
+    got = {n.removesuffix(".lora_A") for n, _ in model.named_modules() if n.endswith(".lora_A")}
+    assert got == want and len(want) == 2 * 8 - 1  # the last block (context_pre_only) has no to_add_out
