@@ -6,7 +6,8 @@ Under ZeRO-1/2, `mp_rank_00_model_states.pt` holds every weight of the module; i
 `torch.load(weights_only=True)` (no pickle code runs). Under ZeRO-3 the weights are partitioned across the
 optimiser files, which only DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint` reassembles; it
 unpickles them, the same trust as resuming the run (`engine.load_checkpoint` does the same). LoRA checkpoints
-are merged (W + alpha / r * B A) into a plain transformer.
+hold only the adapter (the frozen base is the run's `model.path`); they are merged (W + alpha / r * B A) into a
+plain transformer.
 """
 from __future__ import annotations
 
@@ -74,11 +75,14 @@ def _export_step(run: Path) -> int | None:
     return None
 
 
-def merge_lora(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
-    """A peft state dict (base_layer, lora_A/lora_B per adapter) -> plain weights W + scale * B A."""
+def merge_lora(state: dict[str, torch.Tensor], scale: float,
+               base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """A peft state dict (base_layer, lora_A/lora_B per adapter) -> plain weights W + scale * B A. `base` (plain
+    weights) supplies whatever `state` lacks: a LoRA checkpoint stores the adapter only."""
     if not any(".lora_A." in k for k in state):
         return state
-    out = {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
+    out = dict(base or {})
+    out.update({k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k})
     for key, a in state.items():
         m = _LORA_A.match(key)
         if m:
@@ -89,9 +93,9 @@ def merge_lora(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.
     return out
 
 
-def deepspeed_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+def deepspeed_state_dict(tag_dir: Path, base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Plain float32 transformer weights of one DeepSpeed checkpoint written by `gdro train` (the EMA of the
-    weights when the run kept one; LoRA merged)."""
+    weights when the run kept one; LoRA merged onto `base`, by default the run's model.path transformer)."""
     tag_dir = Path(tag_dir)
     states_file = tag_dir / MODEL_STATES
     if not states_file.is_file():
@@ -109,7 +113,12 @@ def deepspeed_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     train = (states.get("config") or {}).get("train", {})
     rank = int(train.get("lora_rank", 0))
     if rank:
-        state = merge_lora(state, float(train.get("lora_alpha") or rank) / rank)
+        if base is None:
+            from .backends.base import load_transformer
+
+            model = states["config"]["model"]
+            base = load_transformer(model["backend"], model["path"]).state_dict()
+        state = merge_lora(state, float(train.get("lora_alpha") or rank) / rank, base)
     return {k: v.float() for k, v in state.items()}
 
 
@@ -123,7 +132,8 @@ def load_model(ref: ModelRef, cfg):
     if ref.kind == "folder":
         return backend_from_config(cfg, str(ref.path))
     backend = backend_from_config(cfg, cfg.model.path)
-    backend.transformer.load_state_dict(deepspeed_state_dict(ref.path), strict=True)  # copied into its dtype/device
+    state = deepspeed_state_dict(ref.path, base=backend.transformer.state_dict())
+    backend.transformer.load_state_dict(state, strict=True)  # copied into its dtype/device
     return backend
 
 

@@ -41,12 +41,14 @@ class ModelConfig:
 class SamplerConfig:
     scheduler: str = "FlowMatchEulerDiscreteScheduler"  # any diffusers FlowMatch* scheduler
     steps: int = 16  # ODE solver steps
-    shift: float = 1.0  # timestep shift (SD3.5 uses 3.0)
+    shift: float = 1.0  # timestep shift (SD3.5 uses 3.0); 0 = the model's own, resolution-dependent shift (flux
+    # only: FluxPipeline's exp(mu), mu from the image's token count and the model's scheduler config)
     guidance: float = 1.0  # classifier-free guidance scale; 1 = off
 
     def check(self, key: str) -> None:
         _positive(f"{key}steps", self.steps)
-        _positive(f"{key}shift", self.shift)
+        if self.shift < 0:
+            raise GdroError(f"{key}shift must be > 0, or 0 for the model's own (flux), got {self.shift}")
         if self.guidance < 1.0:
             raise GdroError(f"{key}guidance must be >= 1 (1 disables guidance), got {self.guidance}")
 
@@ -157,6 +159,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     lora_rank: int = 0  # 0 = full fine-tuning; > 0 = peft LoRA on the attention projections
     lora_alpha: float = 0.0  # 0 = same as the rank
+    lora_targets: list[str] = field(default_factory=lambda: [
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"])
+    # peft target_modules (module-name suffixes). Bare names adapt every attention of that name, SD3.5-Medium's
+    # second (attn2) attention of its dual-attention blocks included; "attn.to_q" etc. adapt `attn` only (DGPO)
     zero_stage: int = 2  # DeepSpeed ZeRO stage: 2 | 3
     deepspeed_config: str = ""  # a JSON file merged over the DeepSpeed config gdro builds from train.* (ZeRO
     # tuning, CPU offload: cluster/deepspeed/*.json); "" = the built one (ZeRO-<zero_stage>, defaults)
@@ -208,6 +214,8 @@ class TrainConfig:
         if self.ema_decay and self.zero_stage == 3:
             raise GdroError(f"{key}ema_decay needs {key}zero_stage=2: under ZeRO-3 no rank holds the full weights "
                             f"to average")
+        if self.lora_rank and not self.lora_targets:
+            raise GdroError(f"{key}lora_targets is empty: name the modules LoRA adapts (e.g. attn.to_q)")
         if self.reference == "lora" and self.lora_rank == 0:
             raise GdroError(f"{key}reference=lora needs {key}lora_rank > 0")
         if self.reference == "cache" and self.kl_beta > 0:

@@ -12,14 +12,32 @@ from .config import SamplerConfig
 from .errors import GdroError
 
 
-def make_scheduler(cfg: SamplerConfig):
+def make_scheduler(cfg: SamplerConfig, config: dict | None = None):
+    """`sampler.scheduler` with `sampler.shift`, or with a model's own scheduler `config` (its shift rules)."""
     import diffusers
 
     cls = getattr(diffusers, cfg.scheduler, None)
     if cls is None or not cfg.scheduler.startswith("FlowMatch"):
         raise GdroError(f"sampler.scheduler: {cfg.scheduler!r} is not a diffusers flow-matching scheduler "
                         f"(try FlowMatchEulerDiscreteScheduler or FlowMatchHeunDiscreteScheduler)")
+    if config is not None:
+        return cls.from_config(config)
     return cls(num_train_timesteps=1000, shift=cfg.shift)
+
+
+def scheduled(backend: ModelBackend, cfg: SamplerConfig):
+    """A scheduler with `sampler.steps` timesteps set: the backend's own schedule when it has one (FLUX's is
+    FluxPipeline's, `FluxBackend.sampling_scheduler`), else StableDiffusion3Pipeline's (`sampler.shift` on the
+    scheduler's default spacing)."""
+    own = getattr(backend, "sampling_scheduler", None)
+    if own is not None:
+        return own(cfg)
+    if cfg.shift == 0:
+        raise GdroError(f"sampler.shift=0 (the model's own, resolution-dependent shift) is for the flux backend; "
+                        f"set sampler.shift for {getattr(backend, 'name', 'this backend')} (SD3.5: 3.0)")
+    sched = make_scheduler(cfg)
+    sched.set_timesteps(cfg.steps)
+    return sched
 
 
 def uses_cfg(backend: ModelBackend, cfg: SamplerConfig) -> bool:
@@ -41,8 +59,7 @@ def sample(backend: ModelBackend, noise: torch.Tensor, cond: Conditioning, cfg: 
     guided = uses_cfg(backend, cfg)
     if guided and null_cond is None:
         raise GdroError("sampler.guidance != 1 needs the unconditional embedding (null_cond)")
-    sched = make_scheduler(cfg)
-    sched.set_timesteps(cfg.steps)
+    sched = scheduled(backend, cfg)
     x = noise.to(backend.device, torch.float32)
     if null_cond is not None and null_cond.prompt_embeds.shape[0] == 1:
         null_cond = Conditioning(null_cond.prompt_embeds.expand(x.shape[0], -1, -1),

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.backends.base import Conditioning, dataset_velocity, load_transformer, spec_of
-from pipeline.config import ExperimentConfig, save_resolved, to_dict
+from pipeline.config import ExperimentConfig, TrainConfig, save_resolved, to_dict
 from pipeline.data import check_dataset, group_batches
 from pipeline.distributed import deepspeed_config, init_distributed, print0
 from pipeline.ema import WeightEMA
@@ -33,7 +33,15 @@ from schemas import layout
 from schemas.seeds import noise_for
 
 CHECKPOINTS = "checkpoints"
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+LORA_TARGETS = TrainConfig().lora_targets  # the default: every attention projection of these names
+
+
+def lora_config(t: TrainConfig):
+    """peft's LoraConfig of train.lora_rank, lora_alpha (0: the rank) and lora_targets."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha or t.lora_rank, init_lora_weights="gaussian",
+                      target_modules=list(t.lora_targets))
 
 
 def resolve_reference(mode: str, manifest: dict, lora: bool) -> str:
@@ -123,6 +131,17 @@ def _prune(ckdir: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _frozen_copy(model: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
+    """The live reference for train.reference=copy, cast as DeepSpeed casts the engine's module (parameters to
+    the training dtype, buffers such as SD3's position table kept as they are), so that it computes exactly
+    what the policy computes at step 0."""
+    ref = copy.deepcopy(model).requires_grad_(False).eval().to(device)
+    for p in ref.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    return ref
+
+
 def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
     import deepspeed
     import torch.distributed as dist
@@ -165,14 +184,12 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
 
     # ---- model, reference, engine
     bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    dtype = torch.bfloat16 if bf16 else torch.float32  # DeepSpeed casts the engine's module and inputs to it
     transformer = load_transformer(cfg.model.backend, cfg.model.path)
-    reference = copy.deepcopy(transformer).requires_grad_(False).eval().to(device) if ref_mode == "copy" else None
+    reference = _frozen_copy(transformer, device, dtype) if ref_mode == "copy" else None
     if lora:
-        from peft import LoraConfig
-
         transformer.requires_grad_(False)
-        transformer.add_adapter(LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha or t.lora_rank,
-                                           init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+        transformer.add_adapter(lora_config(t))
     if t.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
@@ -186,7 +203,8 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
     ema = WeightEMA(engine.module, t.ema_decay) if t.ema_decay else None
     step = 0
     if start_tag:
-        _, client = engine.load_checkpoint(str(ckdir), tag=start_tag)
+        # a LoRA checkpoint holds no frozen weights (save_checkpoint): those stay as loaded from model.path
+        _, client = engine.load_checkpoint(str(ckdir), tag=start_tag, load_module_strict=not lora)
         step = int(client["step"])
         if ema is not None:
             if "ema" not in client:
@@ -194,7 +212,6 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
                                 f"train.ema_decay); resume with train.ema_decay=0 or start a new train.out")
             ema.load_state_dict(client["ema"])
         print0(f"train: resumed from {ckdir / start_tag} at step {step}")
-    dtype = torch.bfloat16 if bf16 else torch.float32
     print0(f"train: {n_trainable / 1e6:.3f} M trainable parameters ({'LoRA' if lora else 'full'}), "
            f"loss {t.loss}, reference {ref_mode}, ZeRO-{t.zero_stage}, {dtype}, {world} rank(s), G={G}"
            + (f", EMA {t.ema_decay:g}" if ema is not None else ""))
@@ -319,7 +336,9 @@ def save_checkpoint(engine, cfg: ExperimentConfig, ckdir: Path, step: int, rank:
 
     tag = f"step_{step:07d}"
     client = {"step": step, "config": to_dict(cfg), **({"ema": ema.state_dict()} if ema is not None else {})}
-    engine.save_checkpoint(str(ckdir), tag=tag, client_state=client, save_latest=False)
+    # LoRA: only the trainable weights (and the optimiser's state of them); the frozen base is model.path's
+    engine.save_checkpoint(str(ckdir), tag=tag, client_state=client, save_latest=False,
+                           exclude_frozen_parameters=cfg.train.lora_rank > 0)
     dist.barrier()
     if rank == 0:
         layout.atomic_write(ckdir / "latest", tag.encode())
@@ -334,7 +353,9 @@ def _merged_copy(model, cfg: ExperimentConfig, lora_dir: Path):
     from peft.utils import get_peft_model_state_dict
 
     pipeline_cls = getattr(diffusers, spec_of(cfg.model.backend).lora_pipeline)  # the backend's LoRA format
+    # the adapter's config (rank, alpha, targets) goes with it: without it diffusers loads alpha as the rank
     pipeline_cls.save_lora_weights(str(lora_dir), transformer_lora_layers=get_peft_model_state_dict(model),
+                                   transformer_lora_adapter_metadata=model.peft_config["default"].to_dict(),
                                    safe_serialization=True)
     for mod in model.modules():
         if isinstance(mod, BaseTunerLayer):

@@ -83,16 +83,21 @@ def _inner(module):
     return getattr(module, "module", module)
 
 
-def _timesteps(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    t = t.to(device=x.device, dtype=x.dtype)
+def _timesteps(t: torch.Tensor, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    t = t.to(device=x.device, dtype=dtype or x.dtype)
     return t.expand(x.shape[0]) if t.numel() == 1 else t
+
+
+def _timesteps_1000(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """1000 t in float32, as diffusers' SD3 pipeline feeds them: a bf16 t rounds 1000 t by up to ~2."""
+    return _timesteps(t, x, torch.float32) * 1000.0
 
 
 def sd3_velocity(module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, *,
                  guidance: float | None = None) -> torch.Tensor:
     """v(x_t, t, c) of an SD3-family transformer (or a DeepSpeed engine wrapping one); t in [0, 1], t = 1 noise.
     diffusers' SD3 transformer takes timesteps in [0, 1000]. No guidance input: SD3 guides by CFG at sampling."""
-    return module(hidden_states=x, timestep=_timesteps(t, x) * 1000.0, encoder_hidden_states=cond.prompt_embeds,
+    return module(hidden_states=x, timestep=_timesteps_1000(t, x), encoder_hidden_states=cond.prompt_embeds,
                   pooled_projections=cond.pooled_embeds, return_dict=False)[0]
 
 

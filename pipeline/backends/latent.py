@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import GdroError
-from .base import BACKENDS, Conditioning
+from .base import BACKENDS, Conditioning, transformer_velocity
 
 DECODE_BATCH = 8  # images per VAE decode call (a shard's latents are decoded in pieces)
 
@@ -57,7 +57,7 @@ class LatentBackend:
         spec = BACKENDS[self.name]
         self.guidance_mode = spec.guidance_mode
         self.guidance = float(guidance)
-        self._velocity = spec.velocity
+        self._velocity = transformer_velocity  # the registry's velocity of the transformer's class
         vc = self.vae.config
         self.scaling_factor = float(vc.scaling_factor)
         self.shift_factor = float(getattr(vc, "shift_factor", None) or 0.0)

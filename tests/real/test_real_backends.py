@@ -55,7 +55,7 @@ def make_cfg(kind: str, model: Path, root: Path, run: str = "unused", *overrides
         "rollouts.prompts_per_shard=2", f"rollouts.group_size={G}", "rollouts.batch_size=8", "rollouts.ref_cache_k=2",
         f'rollouts.rewards={{"{REWARD}": {{}}}}', f"train.dataset={root / 'dataset'}", f"train.out={root / run}",
         f'train.reward_weights={{"{REWARD}": 1.0}}', "train.groups_per_step=2", "train.steps=2", "train.save_every=2",
-        "train.num_workers=0", "train.lora_rank=4", "train.lora_alpha=4", "train.beta=50", *overrides])
+        "train.num_workers=0", "train.lora_rank=4", "train.lora_alpha=8", "train.beta=50", *overrides])
 
 
 def diffusers_images(kind: str, folder: Path, lora: Path | None = None) -> np.ndarray:

@@ -246,6 +246,33 @@ def test_lora_live_reference_and_merged_export(datasets, tiny_toy_model):
     assert checked >= 4  # to_q, to_k, to_v, to_out.0 at least
 
 
+def test_lora_checkpoint_holds_only_the_adapter_and_resumes(datasets, tiny_toy_model):
+    """A LoRA run's checkpoint stores the trainable weights (and their optimiser state), not the frozen base
+    (the run's model.path): its model-states file is smaller than the base's weights alone. Resuming from it
+    (frozen weights from model.path) gives the losses and the export of an uninterrupted run."""
+    from pipeline.checkpoints import MODEL_STATES, deepspeed_state_dict
+
+    lora = ("train.lora_rank=4", "train.lora_alpha=8", "train.reference=lora", "train.lr=1e-2", "train.save_every=2")
+    out, straight = datasets["root"] / "run_lora_ck", datasets["root"] / "run_lora_straight"
+    run_train(make_cfg(tiny_toy_model, datasets["live"], out, "train.steps=2", *lora))
+    tag = out / "checkpoints" / "step_0000002"
+    module = torch.load(tag / MODEL_STATES, map_location="cpu", weights_only=True)["module"]
+    base = transformer_weights(Path(tiny_toy_model))
+    base_bytes = sum(v.numel() * v.element_size() for v in base.values())
+    adapter = {k: v for k, v in module.items() if ".lora_" in k}
+    assert adapter and not any(".base_layer." in k for k in module)
+    assert sum(v.numel() * v.element_size() for v in module.values()) < base_bytes / 4
+    assert (tag / MODEL_STATES).stat().st_size < base_bytes
+    torch.testing.assert_close(deepspeed_state_dict(tag), transformer_weights(out / "export"))
+    run_train(make_cfg(tiny_toy_model, datasets["live"], out, "train.steps=3", *lora))
+    run_train(make_cfg(tiny_toy_model, datasets["live"], straight, "train.steps=3", *lora))
+    resumed, uninterrupted = metrics(out), metrics(straight)
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    for a, b in zip(resumed, uninterrupted):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-9)
+    torch.testing.assert_close(transformer_weights(out / "export"), transformer_weights(straight / "export"))
+
+
 def test_copy_reference_with_kl(datasets, tiny_toy_model):
     out = datasets["root"] / "run_copy"
     run_train(make_cfg(tiny_toy_model, datasets["live"], out, "train.steps=2", "train.reference=copy",
@@ -256,6 +283,16 @@ def test_copy_reference_with_kl(datasets, tiny_toy_model):
     assert recs[1]["kl"] > 0.0 and math.isfinite(recs[1]["loss"])
     assert (out / "export" / "transformer").is_dir()
     assert differs(transformer_weights(out / "export"), transformer_weights(Path(tiny_toy_model)))
+
+
+def test_copy_reference_under_bf16(datasets, tiny_toy_model):
+    """train.precision=bf16: DeepSpeed casts the engine's module and inputs to bf16, and the frozen copy must
+    compute in bf16 too; at step 0 it is the policy exactly (rho = 0, KL = 0)."""
+    out = datasets["root"] / "run_copy_bf16"
+    run_train(make_cfg(tiny_toy_model, datasets["live"], out, "train.steps=1", "train.reference=copy",
+                       "train.precision=bf16", "train.kl_beta=0.1", "train.loss=gdro-ce"))
+    (rec,) = metrics(out)
+    assert rec["rho_mean"] == 0.0 and rec["kl"] == 0.0 and math.isfinite(rec["loss"])
 
 
 # ------------------------------------------------------------------------------------------- refusals
