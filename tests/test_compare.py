@@ -15,7 +15,7 @@ def test_parse_variant():
 
 
 def _res(ref, trained, gain, ci, q0, q1):
-    est = lambda v: {"value": v}  # noqa: E731
+    est = lambda v: {"value": v}
     return {"target": "strict", "out_of_domain": "quality",
             "models": [{"overall": {"strict": est(ref), "quality": est(q0)}},
                        {"overall": {"strict": est(trained), "quality": est(q1)},

@@ -16,8 +16,9 @@ from stages.toy_pretrain import main
 
 
 def _tiny(out, **kw) -> ToyPretrainConfig:
-    base = dict(out=str(out), steps=60, batch_size=8, lr=2e-3, warmup_steps=5, text_dim=32, unet_channels=[8, 16, 32],
-                head_dim=8, eval_every=60, eval_n=6, eval_sampler_steps=2, keep_every=0, threads=1, state_every=3)
+    base = {"out": str(out), "steps": 60, "batch_size": 8, "lr": 2e-3, "warmup_steps": 5, "text_dim": 32,
+            "unet_channels": [8, 16, 32], "head_dim": 8, "eval_every": 60, "eval_n": 6, "eval_sampler_steps": 2,
+            "keep_every": 0, "threads": 1, "state_every": 3}
     return ToyPretrainConfig(**{**base, **kw})
 
 

@@ -34,7 +34,7 @@ def bright_dataset(tiny_toy_model, tmp_path_factory):
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_dgpo_moves_the_reward_of_held_out_prompts(bright_dataset, tiny_toy_model, sign, monkeypatch):
-    import stages.train as train
+    from stages import train
 
     if sign < 0:  # the same run, descending the reward instead
         real = train.group_loss

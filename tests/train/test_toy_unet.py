@@ -8,7 +8,7 @@ import torch
 from gdro_testing import check_cached_reference_errors, run_train, transformer_weights
 
 from .conftest import build_dataset
-from .test_train_e2e import G, REWARD, REWARD_MODULE, make_cfg
+from .test_train_e2e import REWARD, REWARD_MODULE, G, make_cfg
 
 pytestmark = pytest.mark.slow
 
