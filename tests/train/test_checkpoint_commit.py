@@ -12,7 +12,7 @@ class FakeEngine:
     def __init__(self, ckdir, events):
         self.ckdir, self.events = ckdir, events
 
-    def save_checkpoint(self, save_dir, tag, client_state, save_latest=True):
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest=True, exclude_frozen_parameters=False):
         (self.ckdir / tag).mkdir(parents=True)
         if save_latest:  # what DeepSpeed does on rank 0, before its barrier
             (self.ckdir / "latest").write_text(tag)
