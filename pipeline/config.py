@@ -167,6 +167,7 @@ class TrainConfig:
     deepspeed_config: str = ""  # a JSON file merged over the DeepSpeed config gdro builds from train.* (ZeRO
     # tuning, CPU offload: cluster/deepspeed/*.json); "" = the built one (ZeRO-<zero_stage>, defaults)
     precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | fp32 | bf16
+    export_dtype: str = "auto"  # dtype of the exported weights: auto (the training precision) | fp32 | bf16
     gradient_checkpointing: bool = False
     save_every: int = 100  # steps between checkpoints (all ranks save through DeepSpeed)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
@@ -194,6 +195,7 @@ class TrainConfig:
         _choice(f"{key}error_param", self.error_param, ("x0", "v"))
         _choice(f"{key}zero_stage", self.zero_stage, (2, 3))
         _choice(f"{key}precision", self.precision, ("auto", "fp32", "bf16"))
+        _choice(f"{key}export_dtype", self.export_dtype, ("auto", "fp32", "bf16"))
         _choice(f"{key}data_order", self.data_order, ("shuffled", "sequential"))
         for name in ("steps", "groups_per_step", "grad_accum", "lr", "save_every", "keep_checkpoints", "adv_clip",
                      "tau"):

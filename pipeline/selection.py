@@ -20,7 +20,7 @@ import torch
 
 from schemas import layout
 
-from .checkpoints import BEST, merge_lora, save_model_folder
+from .checkpoints import BEST, export_dtype, host_weights, write_model_folder
 from .eval_stats import CorrectedConfig, corrected_scores, overall
 
 LOG = "selection.jsonl"
@@ -74,18 +74,17 @@ class Selector:
             f.write(json.dumps(record) + "\n")
 
     def _state(self, engine) -> dict[str, torch.Tensor] | None:
-        """Plain float32 weights of the policy on rank 0 (LoRA merged); collective under ZeRO-3."""
+        """Plain weights of the policy on rank 0 in the export dtype (LoRA merged, EMA averaged); collective
+        under ZeRO-3."""
         if self.cfg.train.zero_stage == 3:
             state = engine._zero3_consolidated_16bit_state_dict()
         else:
             state = engine.module.state_dict() if self.rank == 0 else None
         if self.rank != 0:
             return None
-        state = {k: v.detach().float().cpu().clone() for k, v in state.items()}
-        if self.ema is not None:
-            state = self.ema.over(state)
         t = self.cfg.train
-        return merge_lora(state, (t.lora_alpha or t.lora_rank) / t.lora_rank) if t.lora_rank else state
+        return host_weights(state, ema=self.ema, lora_scale=(t.lora_alpha or t.lora_rank) / t.lora_rank
+                            if t.lora_rank else 0.0, dtype=export_dtype(t, engine.module))
 
     def __call__(self, engine, step: int) -> bool:
         """Evaluate at `step`; True when training should stop (the same answer on every rank)."""
@@ -109,8 +108,9 @@ class Selector:
             is_best, stop = decide(prior + [record], self.cfg.train.patience)
             record["best"] = is_best
             if is_best:
-                save_model_folder(state, self.cfg.model.backend, self.cfg.model.path, self.out / BEST,
-                                  {"step": step, "corrected": record["corrected"], "scores": scores})
+                info = {"step": step, "corrected": record["corrected"], "scores": scores}
+                write_model_folder(self.out / BEST, state, config_from=self.backend.transformer,
+                                   base=self.cfg.model.path, files={"best.json": json.dumps(info, indent=1) + "\n"})
             self.history.append(record)
             self._write(record)
             print(f"select: step {step}: {e.target} {scores[e.target]:.3f}, corrected {record['corrected']:+.3f}"

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.backends.base import Conditioning, dataset_velocity, load_transformer, spec_of
+from pipeline.checkpoints import export_dtype, host_weights, write_model_folder
 from pipeline.config import ExperimentConfig, TrainConfig, save_resolved, to_dict
 from pipeline.data import check_dataset, group_batches
 from pipeline.distributed import deepspeed_config, init_distributed, print0
@@ -185,7 +186,7 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
     # ---- model, reference, engine
     bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     dtype = torch.bfloat16 if bf16 else torch.float32  # DeepSpeed casts the engine's module and inputs to it
-    transformer = load_transformer(cfg.model.backend, cfg.model.path)
+    transformer = load_transformer(cfg.model.backend, cfg.model.path, dtype)  # no float32 copy of a bf16 model
     reference = _frozen_copy(transformer, device, dtype) if ref_mode == "copy" else None
     if lora:
         transformer.requires_grad_(False)
@@ -346,54 +347,40 @@ def save_checkpoint(engine, cfg: ExperimentConfig, ckdir: Path, step: int, rank:
     dist.barrier()
 
 
-def _merged_copy(model, cfg: ExperimentConfig, lora_dir: Path):
-    """Save the adapter in diffusers' LoRA format, then return a plain transformer with the LoRA merged in."""
-    import diffusers
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils import get_peft_model_state_dict
-
-    pipeline_cls = getattr(diffusers, spec_of(cfg.model.backend).lora_pipeline)  # the backend's LoRA format
-    # the adapter's config (rank, alpha, targets) goes with it: without it diffusers loads alpha as the rank
-    pipeline_cls.save_lora_weights(str(lora_dir), transformer_lora_layers=get_peft_model_state_dict(model),
-                                   transformer_lora_adapter_metadata=model.peft_config["default"].to_dict(),
-                                   safe_serialization=True)
-    for mod in model.modules():
-        if isinstance(mod, BaseTunerLayer):
-            mod.merge()
-    merged = {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if "lora_" not in k}
-    plain = load_transformer(cfg.model.backend, cfg.model.path)
-    plain.load_state_dict(merged, strict=True)
-    return plain
-
-
 def export(engine, cfg: ExperimentConfig, folder: Path, *, lora: bool, rank: int, ema=None) -> Path | None:
     """A model folder diffusers loads: the full transformer (`from_pretrained`; LoRA merged) plus, for LoRA,
-    the adapter alone in diffusers' format (`load_lora_weights`); the averaged weights when `ema` is given.
-    Written to a temporary folder, then renamed."""
+    the adapter alone in diffusers' format (`load_lora_weights`); the averaged weights when `ema` is given;
+    in `train.export_dtype` (default: the training precision). The weights go to the host one tensor at a
+    time and are merged there: no copy of the model on the device, no second model on the host."""
+    import diffusers
     import torch.distributed as dist
 
     module = engine.module
-    state = engine._zero3_consolidated_16bit_state_dict() if cfg.train.zero_stage == 3 else None
+    t = cfg.train
+    state = engine._zero3_consolidated_16bit_state_dict() if t.zero_stage == 3 else None
     if rank != 0:
         dist.barrier()
         return None
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model = copy.deepcopy(module).float().cpu()
-    if state is not None:
-        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    if ema is not None:
-        model.load_state_dict(ema.over(model.state_dict()), strict=True)
+    dtype = export_dtype(t, module)
+    weights = host_weights(module.state_dict() if state is None else state, ema=ema)
+    save_adapter = None
     if lora:
-        model = _merged_copy(model, cfg, tmp / "lora")
-    model.save_pretrained(tmp / "transformer", safe_serialization=True)
-    src = Path(cfg.model.path)
-    for item in src.iterdir():  # everything but the transformer comes from the base model folder
-        if item.name != "transformer" and not (tmp / item.name).exists():
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
-    (tmp / "gdro_export.json").write_text(json.dumps({"base_model": str(src), "train": to_dict(cfg.train)}, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+        from peft.utils import get_peft_model_state_dict
+
+        adapter = {k: v.to(dtype) for k, v in weights.items() if ".lora_" in k}
+        pipeline_cls = getattr(diffusers, spec_of(cfg.model.backend).lora_pipeline)  # the backend's LoRA format
+
+        def save_adapter(tmp: Path) -> None:
+            # the adapter's config (rank, alpha, targets) goes with it: without it diffusers loads alpha as the rank
+            pipeline_cls.save_lora_weights(
+                str(tmp / "lora"), transformer_lora_layers=get_peft_model_state_dict(module, state_dict=adapter),
+                transformer_lora_adapter_metadata=module.peft_config["default"].to_dict(), safe_serialization=True)
+
+    weights = host_weights(weights, lora_scale=(t.lora_alpha or t.lora_rank) / t.lora_rank if lora else 0.0,
+                           dtype=dtype)
+    info = json.dumps({"base_model": str(cfg.model.path), "train": to_dict(t)}, indent=1)
+    write_model_folder(folder, weights, config_from=module, base=cfg.model.path,
+                       files={"gdro_export.json": info}, extra=save_adapter)
     dist.barrier()
     print0(f"train: exported {folder}")
     return folder

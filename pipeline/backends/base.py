@@ -283,8 +283,14 @@ def latent_shape_of(name: str, path: str, resolution: int = 0) -> tuple[int, int
     return tuple(spec_of(name).latent_shape(path, resolution))
 
 
-def load_transformer(name: str, path: str):
-    """Only the denoiser, for stage two (no text encoder, no VAE), as the backend's diffusers class."""
+def load_transformer(name: str, path: str, dtype: torch.dtype = torch.float32):
+    """Only the denoiser, for stage two (no text encoder, no VAE), as the backend's diffusers class, with its
+    parameters in `dtype` (the training precision).
+
+    Each weight is read from the memory-mapped file and cast on its own (`low_cpu_mem_usage`), so a bf16 load
+    never holds a float32 copy of the model. Floating buffers (SD3's position table) stay float32, as DeepSpeed
+    keeps them when it casts the engine's module: a bf16 load computes what a float32 load cast by DeepSpeed
+    computes."""
     import diffusers
 
     spec_of(name)  # an unknown backend is named first
@@ -292,7 +298,32 @@ def load_transformer(name: str, path: str):
     if not (folder / "config.json").is_file():
         raise GdroError(f"model.path: {folder} has no config.json; point model.path at a local model folder")
     cls = denoiser_class(name, path)
-    return getattr(diffusers, cls).from_pretrained(folder, local_files_only=True)
+    model = getattr(diffusers, cls).from_pretrained(folder, local_files_only=True, torch_dtype=dtype,
+                                                    low_cpu_mem_usage=True)
+    if dtype != torch.float32:
+        _float32_buffers(model, folder)
+    return model
+
+
+def _float32_buffers(model: torch.nn.Module, folder: Path) -> None:
+    """Floating buffers back to float32: persistent ones re-read from the weights files, others recast."""
+    from safetensors import safe_open
+
+    stored = set(model.state_dict())
+    files = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            files.update(dict.fromkeys(h.keys(), f))
+    for name, buf in list(model.named_buffers()):
+        if not buf.is_floating_point() or buf.dtype == torch.float32:
+            continue
+        owner, _, leaf = name.rpartition(".")
+        if name in stored and name in files:
+            with safe_open(str(files[name]), framework="pt") as h:
+                value = h.get_tensor(name).float()
+        else:
+            value = buf.float()
+        model.get_submodule(owner).register_buffer(leaf, value, persistent=name in stored)
 
 
 def denoiser_class(name: str, path: str) -> str:
