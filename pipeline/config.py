@@ -137,7 +137,7 @@ class RolloutsConfig:
 @dataclass
 class TrainConfig:
     dataset: str = "datasets/toy"  # a stage-one dataset folder (manifest.json); the only input of training
-    out: str = "runs/toy"  # run folder: checkpoints/, metrics.jsonl, tensorboard/, export/, config.json
+    out: str = "runs/toy"  # run folder: checkpoints/, metrics.jsonl, tensorboard/, export/, ... (pipeline/runs.py)
     loss: str = "dgpo"  # dgpo | gdro-ce | gdro-pl | dpo | raft (see pipeline/losses.py)
     reward_weights: dict[str, float] = field(default_factory=lambda: {"toy_geneval": 1.0})  # raw reward -> weight
     beta: float = 500.0  # implicit-reward scale: rho = -beta (L - Lref)

@@ -18,12 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from schemas import layout
-
-from .checkpoints import BEST, export_dtype, host_weights, write_model_folder
 from .eval_stats import CorrectedConfig, corrected_scores, overall
-
-LOG = "selection.jsonl"
+from .model_folder import export_dtype, host_weights
+from .runs import BEST, SELECTION, lora_scale, save_best, trim_jsonl
 
 
 def decide(history: list[dict], patience: int) -> tuple[bool, bool]:
@@ -51,11 +48,9 @@ class Selector:
         self.rewards = eval_rewards(cfg)
         self.backend = backend_from_config(cfg)  # its transformer takes each policy's weights
         self.ref = self._score()
-        log = self.out / LOG
+        log = self.out / SELECTION
         if log.is_file():  # a resumed run: keep the evaluations up to the checkpoint it resumes from
-            self.history = [r for r in map(json.loads, filter(str.strip, log.read_text().splitlines()))
-                            if r["step"] <= start_step]
-            layout.atomic_write(log, "".join(json.dumps(r) + "\n" for r in self.history).encode())
+            self.history = trim_jsonl(log, start_step)
         else:
             self.history = [{"step": 0, "lines": len(self.metas), "scores": self.ref, "gain": 0.0, "corrected": 0.0,
                              "reference": True}]
@@ -70,7 +65,7 @@ class Selector:
         return {k: float(overall(v, self.kinds)) for k, v in scores.items()}
 
     def _write(self, record: dict) -> None:
-        with open(self.out / LOG, "a") as f:
+        with open(self.out / SELECTION, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def _state(self, engine) -> dict[str, torch.Tensor] | None:
@@ -83,8 +78,7 @@ class Selector:
         if self.rank != 0:
             return None
         t = self.cfg.train
-        return host_weights(state, ema=self.ema, lora_scale=(t.lora_alpha or t.lora_rank) / t.lora_rank
-                            if t.lora_rank else 0.0, dtype=export_dtype(t, engine.module))
+        return host_weights(state, ema=self.ema, lora_scale=lora_scale(t), dtype=export_dtype(t, engine.module))
 
     def __call__(self, engine, step: int) -> bool:
         """Evaluate at `step`; True when training should stop (the same answer on every rank)."""
@@ -108,9 +102,8 @@ class Selector:
             is_best, stop = decide(prior + [record], self.cfg.train.patience)
             record["best"] = is_best
             if is_best:
-                info = {"step": step, "corrected": record["corrected"], "scores": scores}
-                write_model_folder(self.out / BEST, state, config_from=self.backend.transformer,
-                                   base=self.cfg.model.path, files={"best.json": json.dumps(info, indent=1) + "\n"})
+                save_best(self.out, state, config_from=self.backend.transformer, base=self.cfg.model.path,
+                          info={"step": step, "corrected": record["corrected"], "scores": scores})
             self.history.append(record)
             self._write(record)
             print(f"select: step {step}: {e.target} {scores[e.target]:.3f}, corrected {record['corrected']:+.3f}"

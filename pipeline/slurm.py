@@ -1,6 +1,6 @@
 """Slurm: render the sbatch templates (cluster/*.sbatch) from the experiment config, submit them chained with
-`afterok`, keep the job ids and rendered scripts in the run folder, report the jobs' state, and requeue the
-running job after a preemption checkpoint.
+`afterok`, keep the job ids and rendered scripts in the run folder, report the jobs' state. (The running job
+requeues itself after a preemption checkpoint: pipeline/preemption.py.)
 
 Everything a job needs is in its rendered script: the resolved config is frozen to
 <train.out>/slurm/config-<sha>.yaml and every job runs `gdro <stage> --preset '' --config <that file>`, from the
@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
 import re
 import shlex
 import shutil
@@ -30,46 +29,6 @@ JOBS = "jobs.jsonl"
 
 
 # ------------------------------------------------------------------------------------------------ small helpers
-def requeue_target(env=None) -> str | None:
-    """The id `scontrol requeue` needs for this job: ARRAYJOB_TASK inside an array task (array-aware), else the
-    job id; None outside a Slurm job."""
-    env = os.environ if env is None else env
-    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
-        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-    return env.get("SLURM_JOB_ID") or None
-
-
-def requeue_on_preemption(rank: int, requested: bool = True) -> str | None:
-    """Called by every rank after the preemption checkpoint: wait until all ranks saved, then rank 0 puts this
-    job (or this array task) back in the queue with `scontrol requeue`, and the requeued job resumes from the
-    checkpoint (`gdro train` resumes by default). Only when `requested` (rank 0 got USR2, Slurm's warning before
-    the time limit; a TERM from scancel only saves), inside a Slurm job, and with GDRO_REQUEUE=1 (exported by
-    cluster/train.sbatch; set it in your own scripts), so that a test or an interactive run inside an
-    allocation never requeues its job. Returns the requeued id (on rank 0) or None."""
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()  # every rank's checkpoint files are written
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
-    target = requeue_target()
-    if rank != 0 or not requested or target is None or os.environ.get("GDRO_REQUEUE") != "1":
-        return None
-    try:
-        r = subprocess.run(["scontrol", "requeue", target], check=False, capture_output=True, text=True,
-                           timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        print(f"slurm: could not requeue job {target} ({e}); resubmit it to resume", flush=True)
-        return None
-    if r.returncode != 0:
-        print(f"slurm: scontrol requeue {target} failed: {(r.stderr or r.stdout).strip()}; resubmit to resume",
-              flush=True)
-        return None
-    print(f"slurm: requeued job {target}; it resumes from the checkpoint", flush=True)
-    return target
-
-
 def _which(tool: str) -> str:
     path = shutil.which(tool)
     if path is None:
@@ -364,25 +323,11 @@ def run_status(run: Path) -> str:
             done = (where(cfg.rollouts.out) / "manifest.json").is_file()
             lines.append(f"    manifest: {'written' if done else 'not yet'}")
         elif stage == "train":
-            lines.append("    " + _train_progress(where(cfg.train.out), cfg.train.steps))
+            from .runs import progress
+
+            lines.append("    " + progress(where(cfg.train.out), cfg.train.steps))
         else:
             out = where(cfg.eval.out) if cfg.eval.out else where(cfg.train.out) / "eval"
             done = (out / "results.json").is_file()
             lines.append(f"    results: {out / 'results.json' if done else 'not yet'}")
     return "\n".join(lines)
-
-
-def _train_progress(out: Path, steps: int) -> str:
-    metrics = out / "metrics.jsonl"
-    last = None
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            if line.strip():
-                try:
-                    last = json.loads(line)
-                except ValueError:  # a line being written
-                    pass
-    latest = out / "checkpoints" / "latest"
-    text = f"step {last['step']}/{steps}, loss {last['loss']:.4g}" if last else f"step 0/{steps}"
-    text += f"; checkpoint {latest.read_text().strip()}" if latest.is_file() else "; no checkpoint yet"
-    return text + ("; exported" if (out / "export").is_dir() else "")

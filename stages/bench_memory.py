@@ -82,7 +82,8 @@ def run_phase(kind: str, model: Path, phase: str, lora: bool) -> dict:
 
     from pipeline.backends.base import Conditioning, latent_shape_of, load_transformer, velocity_fn
     from pipeline.distributed import init_distributed
-    from stages.train import ds_config, export, lora_config
+    from pipeline.runs import export
+    from stages.train import ds_config, lora_config
 
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp())

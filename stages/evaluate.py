@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.checkpoints import ModelRef, load_model, run_models
+from pipeline.checkpoints import load_model
 from pipeline.config import ExperimentConfig, save_resolved
 from pipeline.errors import GdroError
 from pipeline.evaluation import eval_rewards, evaluate_backend
 from pipeline.prompts import load_prompts
 from pipeline.report import dump_json, plot_curves, plot_selection, report_blocks, summarise, write_report
+from pipeline.runs import SELECTION, ModelRef, run_models
 from pipeline.toy.grid import draw_comparison, pick_prompts
 from pipeline.toy.scoring import format_table
 
@@ -110,7 +111,7 @@ def main(cfg: ExperimentConfig) -> dict:
     grids, legend = draw_grids(models, metas, cfg, out)
     title = f"{run if not e.checkpoint else e.checkpoint}: {len(metas)} lines of {e.prompts}"
     curves = plot_curves(summary, out / "curves.png", title)
-    selection = run / "selection.jsonl"
+    selection = run / SELECTION
     records = [json.loads(x) for x in selection.read_text().splitlines() if x.strip()] \
         if selection.is_file() and not e.checkpoint else []
     sel_png = plot_selection(records, out / "selection.png", e.target, e.out_of_domain)

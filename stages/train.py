@@ -2,16 +2,15 @@
 
 setup (distributed, data, transformer, optional LoRA, reference, engine, resume) -> train (shared t and eps per
 group, policy errors, reference errors from the cache or a live model, loss, metrics) -> checkpoint every N
-steps through DeepSpeed on all ranks -> export what diffusers loads. No text encoder, VAE or reward model is
-ever loaded here.
+steps through DeepSpeed on all ranks -> export what diffusers loads. The run folder and its writers are
+pipeline/runs.py, preemption and requeue pipeline/preemption.py. No text encoder, VAE or reward model is ever
+loaded here.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
-import shutil
-import signal
 import time
 from pathlib import Path
 
@@ -19,21 +18,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.backends.base import Conditioning, dataset_velocity, load_transformer, spec_of
-from pipeline.checkpoints import export_dtype, host_weights, write_model_folder
-from pipeline.config import ExperimentConfig, TrainConfig, save_resolved, to_dict
+from pipeline import runs
+from pipeline.backends.base import Conditioning, dataset_velocity, load_transformer
+from pipeline.config import ExperimentConfig, TrainConfig, save_resolved
 from pipeline.data import check_dataset, group_batches
 from pipeline.distributed import deepspeed_config, init_distributed, print0
 from pipeline.ema import WeightEMA
 from pipeline.errors import GdroError
 from pipeline.flow import error_weight, flow_errors, sample_t
 from pipeline.losses import NEEDS_REFERENCE, group_loss, kl_penalty, pairwise_accuracy
+from pipeline.preemption import Preemption, requeue_on_preemption
 from pipeline.selection import Selector
-from pipeline.slurm import requeue_on_preemption
-from schemas import layout
 from schemas.seeds import noise_for
 
-CHECKPOINTS = "checkpoints"
 LORA_TARGETS = TrainConfig().lora_targets  # the default: every attention projection of these names
 
 
@@ -68,28 +65,6 @@ def ds_config(t, world: int, bf16: bool) -> dict:
     }
 
 
-class Preemption:
-    """SIGUSR2/SIGTERM only set a flag; the loop all-reduces it so every rank checkpoints at the same step. Only
-    USR2 (Slurm's warning before the time limit) asks for a requeue; TERM (scancel) only saves."""
-
-    def __init__(self):
-        self.flag = False
-        self.received: set[int] = set()
-        for sig in (signal.SIGUSR2, signal.SIGTERM):
-            signal.signal(sig, self._set)
-
-    def _set(self, signum, _frame):
-        self.flag = True
-        self.received.add(signum)
-
-    def any_rank(self, device) -> bool:
-        import torch.distributed as dist
-
-        f = torch.tensor([1.0 if self.flag else 0.0], device=device)
-        dist.all_reduce(f)
-        return bool(f.item() > 0)
-
-
 def _group_generators(seed: int, step: int, first: int, n: int) -> list[torch.Generator]:
     """One generator per group, seeded by (seed, step, the group's position in the step's global batch): the
     draws depend neither on how the global batch is split over ranks nor on a restart."""
@@ -118,20 +93,6 @@ def _averaged_groups(loss: str, out_) -> torch.Tensor:
     return torch.ones_like(out_.signal) if loss == "raft" else out_.signal
 
 
-def _trim_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past the checkpoint we resume from (written by a run that died between checkpoints)."""
-    if not path.exists():
-        return
-    lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-    layout.atomic_write(path, "".join(l + "\n" for l in lines).encode())
-
-
-def _prune(ckdir: Path, keep: int) -> None:
-    tags = sorted(p for p in ckdir.glob("step_*") if p.is_dir())
-    for old in tags[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _frozen_copy(model: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
     """The live reference for train.reference=copy, cast as DeepSpeed casts the engine's module (parameters to
     the training dtype, buffers such as SD3's position table kept as they are), so that it computes exactly
@@ -150,21 +111,20 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
     t = cfg.train
     rank, world, _local, device = init_distributed()
     out = Path(t.out)
-    ckdir = out / CHECKPOINTS
-    latest = ckdir / "latest"
+    ckdir = out / runs.CHECKPOINTS
+    start_tag = runs.latest_tag(out)
     # every refusal comes before anything is written: a refused run leaves the folder as it was
-    if resume is False and latest.exists():
+    if resume is False and start_tag is not None:
         raise GdroError(f"{out} already holds checkpoints; resume it (drop --no-resume) or choose a new train.out")
-    if resume is True and not latest.exists():
+    if resume is True and start_tag is None:
         raise GdroError(f"--resume: {ckdir} holds no checkpoint to resume; drop --resume to start a new run")
     check_dataset(Path(t.dataset), t.reward_weights, verify=t.verify_shards)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, out / "config.json")
+        save_resolved(cfg, out / runs.CONFIG)
     torch.manual_seed(t.seed)
 
     # ---- data (a resumed run skips the batches it already used, after the checkpoint is loaded)
-    start_tag = latest.read_text().strip() if latest.exists() else None
     manifest, loader = group_batches(Path(t.dataset), groups=t.groups_per_step, weights=t.reward_weights,
                                      seed=t.seed, rank=rank, world=world, workers=t.num_workers,
                                      shuffle_buffer=t.shuffle_buffer, order=t.data_order)
@@ -231,156 +191,98 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
 
     # ---- loop
     if rank == 0:
-        _trim_metrics(out / "metrics.jsonl", step)
-    metrics_f = open(out / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115  open for the whole loop
+        runs.trim_jsonl(out / runs.METRICS, step)
+    metrics_f = open(out / runs.METRICS, "a") if rank == 0 else None  # noqa: SIM115  open for the whole loop
     tb = None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
-        tb = SummaryWriter(str(out / "tensorboard"))
-    stop = Preemption()
+        tb = SummaryWriter(str(out / runs.TENSORBOARD))
     select = Selector(cfg, out, rank, step, ema=ema) if t.eval_every else None  # train.eval_every: keep <out>/best
     it = iter(loader)
     for _ in range(step):  # resume: skip the batches the run already used, so
         next(it)  # it continues exactly as an uninterrupted run would (same data, same per-step seeds)
     bar = tqdm(total=t.steps, initial=step, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True)
     t_last = time.time()
-    while step < t.steps:
-        t_data = time.time()
-        batch = next(it)
-        data_s = time.time() - t_data  # time waiting for the loader: the bench's data-loading share
-        n = batch["rewards"].shape[0]
-        tt, eps, ref_cached = _draws(batch, ref_mode, t, _group_generators(t.seed, step, rank * n, n), shape)
-        x0 = batch["latents"].reshape(n * G, *shape).to(device, dtype)
-        eps_g = eps.repeat_interleave(G, 0).to(device, dtype)  # one eps and one t per group
-        t_g = tt.repeat_interleave(G, 0).to(device)
-        cond = Conditioning(batch["prompt_embeds"], batch["pooled_embeds"]).repeat_interleave(G).to(device, dtype)
-        err, v = flow_errors(policy_v, x0, eps_g, t_g, cond, return_velocity=True)
-        kl = torch.zeros((), device=device)
-        if ref_mode in ("lora", "copy"):
-            with torch.no_grad():
-                ref_err, v_ref = flow_errors(reference_v, x0, eps_g, t_g, cond, return_velocity=True)
-            if t.kl_beta:
-                kl = kl_penalty(v, v_ref)
-            ref_err = ref_err.view(n, G)
-        else:
-            ref_err = ref_cached.to(device, torch.float32) if ref_cached is not None else None
-        rewards = batch["rewards"].to(device)
-        valid = batch["valid"].to(device)
-        rewards = torch.where(valid.unsqueeze(1), rewards, torch.zeros_like(rewards))  # invalid: no spread, no signal
-        w = error_weight(tt, t.error_param).to(device).unsqueeze(1)  # the same factor for policy and reference
-        out_ = group_loss(t.loss, err.view(n, G) * w, ref_err * w if ref_err is not None else None, rewards.float(),
-                          beta=t.beta, adv_scope=t.adv_scope, adv_clip=t.adv_clip, tau=t.tau)
-        # The losses average over this rank's groups with signal, and DeepSpeed averages gradients over ranks: with
-        # unequal counts per rank that is not the mean over the global batch. Scaling by count x world / global
-        # count makes it exactly that mean (what one process with the whole global batch computes), whatever the
-        # spread of the groups on each rank. One all-reduce also gives the logged loss as the global mean.
-        counted = _averaged_groups(t.loss, out_).sum().double()
-        totals = torch.stack([counted, out_.loss.detach().double() * counted, kl.detach().double()]).to(device)
-        dist.all_reduce(totals)
-        n_global = float(totals[0])
-        scale = float(counted) * world / n_global if n_global > 0 else 1.0
-        loss = out_.loss * scale + t.kl_beta * kl
-        loss_global = (float(totals[1]) / n_global if n_global > 0 else 0.0) + t.kl_beta * float(totals[2]) / world
-        engine.backward(loss)
-        engine.step()
-        if ema is not None:
-            ema.update(engine.module)
-        step += 1
-        now = time.time()
-        sig = out_.signal
-        record = {
-            "step": step, "loss": loss_global, "kl": float(totals[2]) / world,  # means over all ranks
-            "implicit_acc": pairwise_accuracy(out_.rho.detach(), rewards),
-            "rho_mean": float(out_.rho.detach().mean()),
-            "abs_adv": float(out_.advantages[sig].abs().mean()) if sig.any() else 0.0,
-            "zero_spread": float((~sig & valid).float().mean()), "invalid_groups": int((~valid).sum()),
-            "reward_mean": float(rewards[valid].mean()) if valid.any() else float("nan"),
-            "grad_norm": float(engine.get_global_grad_norm() or 0.0), "lr": float(sched.get_last_lr()[0]),
-            "images_per_s": n * G * world / max(now - t_last, 1e-9), "t_mean": float(tt.mean()),
-            "step_s": now - t_last, "data_s": data_s,
-        }
-        t_last = now
-        if rank == 0:
-            metrics_f.write(json.dumps(record) + "\n")
-            metrics_f.flush()
-            for k, v_ in record.items():
-                if k != "step" and np.isfinite(v_):
-                    tb.add_scalar(f"train/{k}", v_, step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['implicit_acc']:.2f}",
-                            r=f"{record['reward_mean']:.3f}")
-        if select is not None and step % t.eval_every == 0 and select(engine, step):  # train.patience reached
-            save_checkpoint(engine, cfg, ckdir, step, rank, ema)
-            break
-        preempted = stop.any_rank(device)
-        if step % t.save_every == 0 or step == t.steps or preempted:
-            save_checkpoint(engine, cfg, ckdir, step, rank, ema)
-        if preempted:
-            print0(f"train: preemption signal: checkpointed at step {step}; exiting for requeue")
-            requeue_on_preemption(rank, signal.SIGUSR2 in stop.received)  # rank 0 in a Slurm job: scontrol requeue
-            return out
+    with Preemption() as stop:  # SIGUSR2/SIGTERM: checkpoint, then requeue; the old handlers come back after
+        while step < t.steps:
+            t_data = time.time()
+            batch = next(it)
+            data_s = time.time() - t_data  # time waiting for the loader: the bench's data-loading share
+            n = batch["rewards"].shape[0]
+            tt, eps, ref_cached = _draws(batch, ref_mode, t, _group_generators(t.seed, step, rank * n, n), shape)
+            x0 = batch["latents"].reshape(n * G, *shape).to(device, dtype)
+            eps_g = eps.repeat_interleave(G, 0).to(device, dtype)  # one eps and one t per group
+            t_g = tt.repeat_interleave(G, 0).to(device)
+            cond = Conditioning(batch["prompt_embeds"], batch["pooled_embeds"]).repeat_interleave(G).to(device, dtype)
+            err, v = flow_errors(policy_v, x0, eps_g, t_g, cond, return_velocity=True)
+            kl = torch.zeros((), device=device)
+            if ref_mode in ("lora", "copy"):
+                with torch.no_grad():
+                    ref_err, v_ref = flow_errors(reference_v, x0, eps_g, t_g, cond, return_velocity=True)
+                if t.kl_beta:
+                    kl = kl_penalty(v, v_ref)
+                ref_err = ref_err.view(n, G)
+            else:
+                ref_err = ref_cached.to(device, torch.float32) if ref_cached is not None else None
+            rewards = batch["rewards"].to(device)
+            valid = batch["valid"].to(device)
+            rewards = torch.where(valid.unsqueeze(1), rewards, torch.zeros_like(rewards))  # invalid: no spread, no signal
+            w = error_weight(tt, t.error_param).to(device).unsqueeze(1)  # the same factor for policy and reference
+            out_ = group_loss(t.loss, err.view(n, G) * w, ref_err * w if ref_err is not None else None, rewards.float(),
+                              beta=t.beta, adv_scope=t.adv_scope, adv_clip=t.adv_clip, tau=t.tau)
+            # The losses average over this rank's groups with signal, and DeepSpeed averages gradients over ranks: with
+            # unequal counts per rank that is not the mean over the global batch. Scaling by count x world / global
+            # count makes it exactly that mean (what one process with the whole global batch computes), whatever the
+            # spread of the groups on each rank. One all-reduce also gives the logged loss as the global mean.
+            counted = _averaged_groups(t.loss, out_).sum().double()
+            totals = torch.stack([counted, out_.loss.detach().double() * counted, kl.detach().double()]).to(device)
+            dist.all_reduce(totals)
+            n_global = float(totals[0])
+            scale = float(counted) * world / n_global if n_global > 0 else 1.0
+            loss = out_.loss * scale + t.kl_beta * kl
+            loss_global = (float(totals[1]) / n_global if n_global > 0 else 0.0) + t.kl_beta * float(totals[2]) / world
+            engine.backward(loss)
+            engine.step()
+            if ema is not None:
+                ema.update(engine.module)
+            step += 1
+            now = time.time()
+            sig = out_.signal
+            record = {
+                "step": step, "loss": loss_global, "kl": float(totals[2]) / world,  # means over all ranks
+                "implicit_acc": pairwise_accuracy(out_.rho.detach(), rewards),
+                "rho_mean": float(out_.rho.detach().mean()),
+                "abs_adv": float(out_.advantages[sig].abs().mean()) if sig.any() else 0.0,
+                "zero_spread": float((~sig & valid).float().mean()), "invalid_groups": int((~valid).sum()),
+                "reward_mean": float(rewards[valid].mean()) if valid.any() else float("nan"),
+                "grad_norm": float(engine.get_global_grad_norm() or 0.0), "lr": float(sched.get_last_lr()[0]),
+                "images_per_s": n * G * world / max(now - t_last, 1e-9), "t_mean": float(tt.mean()),
+                "step_s": now - t_last, "data_s": data_s,
+            }
+            t_last = now
+            if rank == 0:
+                metrics_f.write(json.dumps(record) + "\n")
+                metrics_f.flush()
+                for k, v_ in record.items():
+                    if k != "step" and np.isfinite(v_):
+                        tb.add_scalar(f"train/{k}", v_, step)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['implicit_acc']:.2f}",
+                                r=f"{record['reward_mean']:.3f}")
+            if select is not None and step % t.eval_every == 0 and select(engine, step):  # train.patience reached
+                runs.save_checkpoint(engine, cfg, ckdir, step, rank, ema)
+                break
+            preempted = stop.any_rank(device)
+            if step % t.save_every == 0 or step == t.steps or preempted:
+                runs.save_checkpoint(engine, cfg, ckdir, step, rank, ema)
+            if preempted:
+                print0(f"train: preemption signal: checkpointed at step {step}; exiting for requeue")
+                requeue_on_preemption(rank, stop.requeue_requested)  # rank 0 in a Slurm job: scontrol requeue
+                return out
     bar.close()
     if rank == 0:
         metrics_f.close()
         tb.close()
-    export(engine, cfg, out / "export", lora=lora, rank=rank, ema=ema)
+    runs.export(engine, cfg, out / runs.EXPORT, lora=lora, rank=rank, ema=ema)
     return out
-
-
-def save_checkpoint(engine, cfg: ExperimentConfig, ckdir: Path, step: int, rank: int, ema=None) -> None:
-    """All ranks save through DeepSpeed; `latest` moves only once every rank's files of the tag are written.
-
-    DeepSpeed's own `latest` is written by rank 0 before its final barrier, so a rank killed mid-save could leave
-    `latest` naming an incomplete tag; here it is written after a barrier, atomically (temporary file, rename)."""
-    import torch.distributed as dist
-
-    tag = f"step_{step:07d}"
-    client = {"step": step, "config": to_dict(cfg), **({"ema": ema.state_dict()} if ema is not None else {})}
-    # LoRA: only the trainable weights (and the optimiser's state of them); the frozen base is model.path's
-    engine.save_checkpoint(str(ckdir), tag=tag, client_state=client, save_latest=False,
-                           exclude_frozen_parameters=cfg.train.lora_rank > 0)
-    dist.barrier()
-    if rank == 0:
-        layout.atomic_write(ckdir / "latest", tag.encode())
-        _prune(ckdir, cfg.train.keep_checkpoints)
-    dist.barrier()
-
-
-def export(engine, cfg: ExperimentConfig, folder: Path, *, lora: bool, rank: int, ema=None) -> Path | None:
-    """A model folder diffusers loads: the full transformer (`from_pretrained`; LoRA merged) plus, for LoRA,
-    the adapter alone in diffusers' format (`load_lora_weights`); the averaged weights when `ema` is given;
-    in `train.export_dtype` (default: the training precision). The weights go to the host one tensor at a
-    time and are merged there: no copy of the model on the device, no second model on the host."""
-    import diffusers
-    import torch.distributed as dist
-
-    module = engine.module
-    t = cfg.train
-    state = engine._zero3_consolidated_16bit_state_dict() if t.zero_stage == 3 else None
-    if rank != 0:
-        dist.barrier()
-        return None
-    dtype = export_dtype(t, module)
-    weights = host_weights(module.state_dict() if state is None else state, ema=ema)
-    save_adapter = None
-    if lora:
-        from peft.utils import get_peft_model_state_dict
-
-        adapter = {k: v.to(dtype) for k, v in weights.items() if ".lora_" in k}
-        pipeline_cls = getattr(diffusers, spec_of(cfg.model.backend).lora_pipeline)  # the backend's LoRA format
-
-        def save_adapter(tmp: Path) -> None:
-            # the adapter's config (rank, alpha, targets) goes with it: without it diffusers loads alpha as the rank
-            pipeline_cls.save_lora_weights(
-                str(tmp / "lora"), transformer_lora_layers=get_peft_model_state_dict(module, state_dict=adapter),
-                transformer_lora_adapter_metadata=module.peft_config["default"].to_dict(), safe_serialization=True)
-
-    weights = host_weights(weights, lora_scale=(t.lora_alpha or t.lora_rank) / t.lora_rank if lora else 0.0,
-                           dtype=dtype)
-    info = json.dumps({"base_model": str(cfg.model.path), "train": to_dict(t)}, indent=1)
-    write_model_folder(folder, weights, config_from=module, base=cfg.model.path,
-                       files={"gdro_export.json": info}, extra=save_adapter)
-    dist.barrier()
-    print0(f"train: exported {folder}")
-    return folder

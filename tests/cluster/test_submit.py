@@ -233,7 +233,7 @@ def test_status_of_a_dataset_folder_is_unchanged(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ requeue
 def test_requeue_target_is_array_aware():
-    from pipeline.slurm import requeue_target
+    from pipeline.preemption import requeue_target
 
     assert requeue_target({"SLURM_JOB_ID": "9", "SLURM_ARRAY_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "2"}) == "7_2"
     assert requeue_target({"SLURM_JOB_ID": "9"}) == "9"
@@ -250,7 +250,7 @@ def test_requeue_target_is_array_aware():
     (0, True, {"GDRO_REQUEUE": "1"}, None),  # not in a Slurm job
 ])
 def test_rank_0_requeues_the_job(tmp_path, monkeypatch, capsys, rank, usr2, env, called):
-    from pipeline.slurm import requeue_on_preemption
+    from pipeline.preemption import requeue_on_preemption
 
     fake_tool(tmp_path / "bin", "scontrol", f'echo "$*" > {tmp_path / "called"}\n')
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
@@ -267,7 +267,7 @@ def test_rank_0_requeues_the_job(tmp_path, monkeypatch, capsys, rank, usr2, env,
 
 
 def test_a_failed_requeue_is_reported_not_raised(tmp_path, monkeypatch, capsys):
-    from pipeline.slurm import requeue_on_preemption
+    from pipeline.preemption import requeue_on_preemption
 
     fake_tool(tmp_path / "bin", "scontrol", 'echo "scontrol: error: Only batch jobs are accepted" >&2; exit 1\n')
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")

@@ -63,7 +63,8 @@ def runs(tiny_toy_model, tmp_path_factory):
 def test_checkpoint_weights_equal_the_export(runs):
     """The last DeepSpeed checkpoint, read in place (weights_only, no pickle code), holds the exported weights;
     a LoRA checkpoint merged by W + alpha / r B A equals peft's merged export."""
-    from pipeline.checkpoints import deepspeed_state_dict, run_models
+    from pipeline.checkpoints import deepspeed_state_dict
+    from pipeline.runs import run_models
 
     refs = run_models(runs["full"])
     assert [(r.label, r.step, r.kind) for r in refs] == [("step 2", 2, "deepspeed"), ("step 4", 4, "deepspeed")]

@@ -75,7 +75,7 @@ def stored(folder):
 
 def test_export_copies_no_module(tiny, tmp_path, one_rank, monkeypatch):
     """The export streams the weights tensor by tensor; a deep copy of the module would double it on the GPU."""
-    from stages.train import export
+    from pipeline.runs import export
 
     real = copy.deepcopy
 
@@ -93,7 +93,7 @@ def test_export_copies_no_module(tiny, tmp_path, one_rank, monkeypatch):
 def test_bf16_run_exports_in_its_precision(tiny, tmp_path, one_rank, export_dtype, want):
     """A bf16 LoRA run writes bf16 (train.export_dtype=auto) or what train.export_dtype asks; the merged weights
     are peft's `merge_and_unload` of the same model, and the adapter file holds the adapter."""
-    from stages.train import export
+    from pipeline.runs import export
 
     model = lora_model(tiny, torch.bfloat16)
     expected = copy.deepcopy(model)

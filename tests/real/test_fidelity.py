@@ -64,7 +64,8 @@ def test_exported_adapter_loads_at_the_strength_it_was_trained_at(tiny, tmp_path
     from peft import LoraConfig
 
     from pipeline.backends.base import load_transformer
-    from stages.train import LORA_TARGETS, export
+    from pipeline.runs import export
+    from stages.train import LORA_TARGETS
 
     cfg = experiment("sd3", tiny["sd3"], "train.lora_rank=4", "train.lora_alpha=8")
     model = load_transformer("sd3", str(tiny["sd3"]))

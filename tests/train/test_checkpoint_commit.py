@@ -1,9 +1,9 @@
-"""`latest` names a checkpoint tag only after every rank has written its files of that tag (stages/train.py
+"""`latest` names a checkpoint tag only after every rank has written its files of that tag (pipeline/runs.py
 save_checkpoint): a rank killed mid-save must leave `latest` on the previous, complete tag."""
 from __future__ import annotations
 
+from pipeline import runs
 from pipeline.config import ExperimentConfig
-from stages import train
 
 
 class FakeEngine:
@@ -33,7 +33,7 @@ def test_latest_moves_only_after_the_barrier(tmp_path, monkeypatch):
     cfg.train.keep_checkpoints = 2
     engine = FakeEngine(tmp_path, events)
     for step in (100, 200, 300):
-        train.save_checkpoint(engine, cfg, tmp_path, step, rank=0)
+        runs.save_checkpoint(engine, cfg, tmp_path, step, rank=0)
     # while the ranks meet at the first barrier after saving step_0000200, `latest` still names step 100
     assert events[3] == ("saved", "step_0000200", "step_0000100")
     assert events[4] == ("barrier", None, "step_0000100")
@@ -45,5 +45,5 @@ def test_other_ranks_never_write_latest(tmp_path, monkeypatch):
     import torch.distributed as dist
 
     monkeypatch.setattr(dist, "barrier", lambda *a, **k: None)
-    train.save_checkpoint(FakeEngine(tmp_path, []), ExperimentConfig(), tmp_path, 100, rank=1)
+    runs.save_checkpoint(FakeEngine(tmp_path, []), ExperimentConfig(), tmp_path, 100, rank=1)
     assert _latest(tmp_path) is None

@@ -250,7 +250,8 @@ def test_lora_checkpoint_holds_only_the_adapter_and_resumes(datasets, tiny_toy_m
     """A LoRA run's checkpoint stores the trainable weights (and their optimiser state), not the frozen base
     (the run's model.path): its model-states file is smaller than the base's weights alone. Resuming from it
     (frozen weights from model.path) gives the losses and the export of an uninterrupted run."""
-    from pipeline.checkpoints import MODEL_STATES, deepspeed_state_dict
+    from pipeline.checkpoints import deepspeed_state_dict
+    from pipeline.runs import MODEL_STATES
 
     lora = ("train.lora_rank=4", "train.lora_alpha=8", "train.reference=lora", "train.lr=1e-2", "train.save_every=2")
     out, straight = datasets["root"] / "run_lora_ck", datasets["root"] / "run_lora_straight"
@@ -298,7 +299,7 @@ def test_copy_reference_under_bf16(datasets, tiny_toy_model):
 # ------------------------------------------------------------------------------------------- refusals
 # --------------------------------------------------------------------------------------- EMA of the weights
 def _states(tag_dir: Path) -> dict:
-    from pipeline.checkpoints import MODEL_STATES
+    from pipeline.runs import MODEL_STATES
 
     return torch.load(tag_dir / MODEL_STATES, map_location="cpu", weights_only=True)
 
