@@ -62,7 +62,7 @@ class ToyPretrainConfig:
     warmup_steps: int = 200
     ema_decay: float = 0.995  # the saved weights are the EMA
     caption_dropout: float = 0.1  # share of empty prompts, so guidance can be used at sampling
-    caption_noise: float = 0.4  # share of compositional pairs whose image is of a perturbed scene (toy.prompts.perturb)
+    caption_noise: float = 0.5  # share of compositional pairs whose image is of a perturbed scene (toy.prompts.perturb)
     seed: int = 0
     threads: int = 2  # torch CPU threads
     text_dim: int = 128
