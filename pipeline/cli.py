@@ -307,10 +307,11 @@ def toy_score(model, prompts, steps, guidance, limit, seed):
     """Sample one image per test prompt line, print the verifier's per-kind table, the true renders' table of
     the same lines and the checks a toy base model must pass (it draws; it composes unreliably)."""
     from .backends.toy import ToyBackend
+    from .eval.tables import format_table, kind_table
     from .evaluation import sample_prompt_set
     from .prompts import load_prompts
     from .sampling import SamplerConfig
-    from .toy.scoring import base_target_checks, format_table, kind_table, score_images, true_render_scores
+    from .toy.scoring import base_target_checks, score_images, true_render_scores
 
     metas = load_prompts(prompts)
     metas = metas[:limit] if limit else metas

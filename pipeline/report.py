@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .eval.tables import kind_table
 from .eval_stats import (
     CorrectedConfig,
     bootstrap_indices,
@@ -20,7 +21,6 @@ from .eval_stats import (
     resampled_overall,
     win_scores,
 )
-from .toy.scoring import kind_table
 
 FORMULA = ("corrected = (T - T_ref) - lambda * (loss + h * max(0, -slope)); loss = mean over out-of-domain "
            "scores O of max(0, 1 - O / O_ref); slope = least-squares slope of O / O_ref over the last `window` "

@@ -42,13 +42,14 @@ class Selector:
         if rank != 0:
             return
         from .backends.base import backend_from_config
-        from .evaluation import eval_rewards
+        from .evaluation import eval_rewards, verifier_of
         from .prompts import load_prompts
 
         e, t = cfg.eval, cfg.train
         self.metas = load_prompts(e.prompts)[: t.eval_num_prompts]
         self.kinds = [m["tag"] for m in self.metas]
         self.rewards = eval_rewards(cfg)
+        self.verifier = verifier_of(cfg.model.backend)
         self.backend = backend_from_config(cfg)  # its transformer takes each policy's weights
         self.ref = self._score()
         log = self.out / LOG
@@ -66,7 +67,7 @@ class Selector:
 
         e = self.cfg.eval
         _, scores = evaluate_backend(self.backend, self.metas, self.cfg.sampler, base_seed=e.base_seed, seeds=1,
-                                     batch=e.batch_size, rewards=self.rewards, toy=self.cfg.model.backend == "toy")
+                                     batch=e.batch_size, rewards=self.rewards, verifier=self.verifier)
         return {k: float(overall(v, self.kinds)) for k, v in scores.items()}
 
     def _write(self, record: dict) -> None:

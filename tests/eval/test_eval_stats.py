@@ -123,7 +123,7 @@ def _synthetic_run(target_step: float, quality_drop: list[float], lines_per_kind
     """A reference and checkpoints at 100..400 on 6 kinds x `lines_per_kind` lines, one image each: the
     target rises by `target_step` per checkpoint, quality falls by quality_drop[k] (of a reference 0.5), both
     with per-image noise; strict (0/1) falls with quality. The models `summarise` takes."""
-    from pipeline.toy.scoring import KINDS
+    from pipeline.eval.tables import GENEVAL_KINDS as KINDS
 
     rng = np.random.default_rng(seed)
     kinds = [k for k in KINDS for _ in range(lines_per_kind)]

@@ -28,7 +28,8 @@ PROMPTS = REPO / "prompts" / "toy_train.jsonl"
 REWARD = "gdro_e2e_reward:mean_pixel"
 G = 4
 METRIC_KEYS = {"step", "loss", "kl", "implicit_acc", "rho_mean", "abs_adv", "zero_spread", "invalid_groups",
-               "reward_mean", "grad_norm", "lr", "images_per_s", "t_mean", "step_s", "data_s"}
+               "reward_mean", "grad_norm", "lr", "images_per_s", "t_mean", "step_s", "data_s",
+               "step_cpu_s", "data_cpu_s"}
 REWARD_MODULE = '''
 import numpy as np
 
