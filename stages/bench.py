@@ -93,7 +93,7 @@ def bench_rollouts(cfg: ExperimentConfig, n_prompts: int, dataset: Path) -> list
     written); and where the rollouts' wall time goes, from the shards' own stats. The dataset stays in `dataset`."""
     import dataclasses
 
-    from pipeline.prompts import load_prompts
+    from pipeline.prompt_files import load_prompts
     from schemas.records import ShardStats
     from stages.rollouts import main as rollouts
 
@@ -158,7 +158,7 @@ def _training_batch(cfg: ExperimentConfig):
     """The trainer's first batch of its dataset, as it feeds the model: x0, eps, t, conditioning ([N*G, ...], one
     t and eps per group), in the trainer's dtype; and the dataset's velocity function (the trainer's)."""
     from pipeline.backends.base import dataset_velocity
-    from pipeline.data import group_batches
+    from pipeline.train_data import group_batches
 
     t = cfg.train
     manifest, loader = group_batches(Path(t.dataset), groups=t.groups_per_step, weights=t.reward_weights,
@@ -304,7 +304,7 @@ def bench_reference(cfg: ExperimentConfig, batch, velocity, steps: int) -> dict:
 def bench_reading(dataset: Path, repeats: int) -> dict:
     import webdataset as wds
 
-    from pipeline.data import group_batches, shard_urls
+    from pipeline.train_data import group_batches, shard_urls
 
     manifest, urls = shard_urls(dataset)
     n = manifest["totals"]["groups"]

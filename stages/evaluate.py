@@ -4,7 +4,7 @@ models (the reference, every checkpoint left in the run, the best model kept dur
 eval.checkpoint; each loaded through the backend registry) -> sample every prompt line with the same seeds and
 score every image (the target, the out-of-domain scores, every reward of eval.rewards, and the backend's verifier's
 scores if it has one: the toy world's) -> summary (bootstrap intervals over prompts, win rates,
-corrected score, hacking trend; pipeline/report.py) -> a grid per checkpoint and curves over steps ->
+corrected score, hacking trend; pipeline/eval/report.py) -> a grid per checkpoint and curves over steps ->
 <eval.out>/{results.json, report.md, report.html, curves.png, grid_*.png}. Deterministic: the same models and
 config give the same numbers (fixed noise, fixed bootstrap seed, no timestamps in results.json).
 """
@@ -20,11 +20,11 @@ from tqdm import tqdm
 from pipeline.checkpoints import ModelRef, load_model, run_models
 from pipeline.config import ExperimentConfig, save_resolved
 from pipeline.errors import GdroError
+from pipeline.eval.fixed_noise import eval_rewards, evaluate_backend, verifier_of
 from pipeline.eval.grids import draw_comparison, pick_prompts
+from pipeline.eval.report import dump_json, plot_curves, plot_selection, report_blocks, summarise, write_report
 from pipeline.eval.tables import format_table
-from pipeline.evaluation import eval_rewards, evaluate_backend, verifier_of
-from pipeline.prompts import load_prompts
-from pipeline.report import dump_json, plot_curves, plot_selection, report_blocks, summarise, write_report
+from pipeline.prompt_files import load_prompts
 
 SHORT = {"strict": "s", "partial": "p", "quality": "q"}
 

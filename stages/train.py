@@ -21,14 +21,14 @@ from tqdm import tqdm
 
 from pipeline.backends.base import Conditioning, dataset_velocity, load_transformer, spec_of
 from pipeline.config import ExperimentConfig, TrainConfig, save_resolved, to_dict
-from pipeline.data import check_dataset, group_batches
 from pipeline.distributed import deepspeed_config, init_distributed, print0
 from pipeline.ema import WeightEMA
 from pipeline.errors import GdroError
+from pipeline.eval.selection import Selector
 from pipeline.flow import error_weight, flow_errors, sample_t
 from pipeline.losses import NEEDS_REFERENCE, group_loss, kl_penalty, pairwise_accuracy
-from pipeline.selection import Selector
 from pipeline.slurm import requeue_on_preemption
+from pipeline.train_data import check_dataset, group_batches
 from schemas import layout
 from schemas.seeds import noise_for
 

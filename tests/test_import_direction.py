@@ -147,7 +147,7 @@ def test_the_checker_catches_each_kind_of_back_pointing_import():
     assert _one("stages.train", "from pipeline.cli import main\n")  # recipe -> CLI
     assert _one("pipeline.cli", "from stages.train import main\n")  # CLI -> recipe at module level
     assert _one("pipeline.cli", "try:\n    import stages.train\nexcept ImportError:\n    pass\n")
-    assert _one("pipeline.report", "from .toy.scoring import kind_table\n")  # generic -> toy, relative
+    assert _one("pipeline.eval.report", "from ..toy.scoring import kind_table\n")  # generic -> toy, relative
     assert _one("stages.evaluate", "def f():\n    import pipeline.backends.toy\n")
     assert _one("pipeline.rewards", "from ..toy import verifier\n", is_package=True)
     assert _one("pipeline.rewards.geneval", "from ..toy.verifier import judge\n")  # no borrow granted

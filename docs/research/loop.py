@@ -19,14 +19,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from pipeline.backends.base import Conditioning, transformer_velocity
 from pipeline.backends.toy import ToyBackend
 from pipeline.config import ExperimentConfig, resolve
-from pipeline.data import _to_item, shard_urls
+from pipeline.eval.fixed_noise import evaluate_backend, verifier_of
 from pipeline.eval.tables import kind_table
-from pipeline.evaluation import evaluate_backend, verifier_of
 from pipeline.flow import flow_errors, sample_t
 from pipeline.losses import group_loss
-from pipeline.prompts import load_prompts
+from pipeline.prompt_files import load_prompts
 from pipeline.toy.prompts import sample_scene, split_pools
 from pipeline.toy.world import render, to_unit
+from pipeline.train_data import _to_item, shard_urls
 from schemas.manifest import iter_tar_groups
 
 p = argparse.ArgumentParser()

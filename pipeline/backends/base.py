@@ -27,6 +27,7 @@ from ..errors import GdroError
 
 __all__ = [
     "BACKENDS",
+    "BUILTIN",
     "DENOISERS",
     "BackendSpec",
     "Conditioning",
@@ -152,7 +153,7 @@ class BackendSpec:
     guidance_mode: str  # "cfg" (classifier-free at sampling) | "embedded" (a model input, guidance-distilled)
     lora_pipeline: str  # the diffusers pipeline class whose LoRA format the export writes (see lora_format)
     verifier: Callable[[], Any] | None = None  # () -> the backend's own judge of its images for evaluation
-    # (`pipeline.evaluation.Verifier`: scores besides the rewards, grid frames); None for real models
+    # (`pipeline.eval.fixed_noise.Verifier`: scores besides the rewards, grid frames); None for real models
 
 
 BACKENDS: dict[str, BackendSpec] = {}

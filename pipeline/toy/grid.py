@@ -49,7 +49,7 @@ def sample_grid(model: str, path: Path, prompts: str, *, per_kind: int = 4, seed
     from schemas.seeds import member_seed, noise_for
 
     from ..backends.toy import ToyBackend
-    from ..prompts import load_prompts
+    from ..prompt_files import load_prompts
     from ..sampling import SamplerConfig, sample
 
     backend = ToyBackend.from_pretrained(model)

@@ -8,7 +8,7 @@ from ..rewards import register_reward
 
 
 class ToyVerifier:
-    """The toy verifier as a `pipeline.evaluation.Verifier`: GenEval's strict verdict, partial credit and the
+    """The toy verifier as a `pipeline.eval.fixed_noise.Verifier`: GenEval's strict verdict, partial credit and the
     out-of-domain quality of every image, besides the registered rewards; grid cells framed by the strict
     verdict; the console's win rate on partial credit (graded, so fewer ties than strict's 0/1)."""
 

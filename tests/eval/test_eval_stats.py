@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.eval_stats import (
+from pipeline.eval.stats import (
     CorrectedConfig,
     bootstrap_indices,
     corrected_scores,
@@ -144,7 +144,7 @@ def test_summarise_calls_a_rising_target_with_a_falling_quality_reward_hacking()
     score peaks early and turns down (significantly below its peak at the end), the best model is the early one.
     The control: the same target gains with quality unchanged -> 'improvement', corrected = gain."""
     from pipeline.config import EvalConfig
-    from pipeline.report import summarise
+    from pipeline.eval.report import summarise
 
     e = EvalConfig(target="toy_color_area", rewards=["toy_color_area"], out_of_domain=["quality", "strict"],
                    bootstrap=300)

@@ -379,8 +379,8 @@ def test_bad_datasets_and_resume_flags_are_refused_before_training(datasets, tin
     import json
     import shutil
 
-    from pipeline.data import check_dataset
     from pipeline.errors import GdroError
+    from pipeline.train_data import check_dataset
 
     src = datasets["cached"]
     ds = tmp_path / "bad"

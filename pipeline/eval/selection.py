@@ -20,8 +20,8 @@ import torch
 
 from schemas import layout
 
-from .checkpoints import BEST, merge_lora, save_model_folder
-from .eval_stats import CorrectedConfig, corrected_scores, overall
+from ..checkpoints import BEST, merge_lora, save_model_folder
+from .stats import CorrectedConfig, corrected_scores, overall
 
 LOG = "selection.jsonl"
 
@@ -41,9 +41,9 @@ class Selector:
         self.history: list[dict] = []
         if rank != 0:
             return
-        from .backends.base import backend_from_config
-        from .evaluation import eval_rewards, verifier_of
-        from .prompts import load_prompts
+        from ..backends.base import backend_from_config
+        from ..prompt_files import load_prompts
+        from .fixed_noise import eval_rewards, verifier_of
 
         e, t = cfg.eval, cfg.train
         self.metas = load_prompts(e.prompts)[: t.eval_num_prompts]
@@ -63,7 +63,7 @@ class Selector:
             self._write(self.history[0])
 
     def _score(self) -> dict[str, float]:
-        from .evaluation import evaluate_backend
+        from .fixed_noise import evaluate_backend
 
         e = self.cfg.eval
         _, scores = evaluate_backend(self.backend, self.metas, self.cfg.sampler, base_seed=e.base_seed, seeds=1,

@@ -10,7 +10,7 @@ import torch
 
 from schemas.seeds import member_seed, noise_for
 
-from .sampling import SamplerConfig, sample
+from ..sampling import SamplerConfig, sample
 
 
 class Verifier(Protocol):
@@ -29,7 +29,7 @@ class Verifier(Protocol):
 
 def verifier_of(backend: str) -> Verifier | None:
     """The registered backend's verifier, None when it has none (a real model is scored by rewards only)."""
-    from .backends.base import spec_of
+    from ..backends.base import spec_of
 
     make = spec_of(backend).verifier
     return make() if make is not None else None
@@ -57,8 +57,8 @@ def eval_rewards(cfg) -> dict:
     once: `eval.rewards`, each with its parameters from `rollouts.rewards.<name>` (the same local weights as
     stage one; {} when stage one did not use it). For a backend without a verifier (a real model) the target and
     the out-of-domain scores must be among them."""
-    from .errors import GdroError
-    from .rewards import make_reward
+    from ..errors import GdroError
+    from ..rewards import make_reward
 
     e = cfg.eval
     if verifier_of(cfg.model.backend) is None:
