@@ -159,8 +159,11 @@ class BackendSpec:
 BACKENDS: dict[str, BackendSpec] = {}
 
 
-def register_backend(spec: BackendSpec) -> BackendSpec:
+def register_backend(spec: BackendSpec, velocities: dict[str, Callable[..., torch.Tensor]] | None = None) -> BackendSpec:
+    """Register a backend and the velocity functions of the denoiser classes it brings (`register_denoiser`)."""
     BACKENDS[spec.name] = spec
+    for cls, fn in (velocities or {}).items():
+        register_denoiser(cls, fn)
     return spec
 
 

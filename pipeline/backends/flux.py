@@ -18,16 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import GdroError
-from .base import (
-    BackendSpec,
-    Conditioning,
-    read_model_config,
-    register_backend,
-    register_denoiser,
-    timesteps,
-    unwrap,
-    vae_latent_shape,
-)
+from .base import BackendSpec, Conditioning, read_model_config, register_backend, timesteps, unwrap, vae_latent_shape
 from .latent import LatentBackend
 
 
@@ -101,6 +92,5 @@ def flux_latent_shape(path: str, resolution: int) -> tuple[int, int, int]:
     return vae_latent_shape(path, resolution, patch=2, default_latent_side=128)  # FluxPipeline.default_sample_size
 
 
-register_denoiser("FluxTransformer2DModel", flux_velocity)
 register_backend(BackendSpec("flux", FluxBackend.from_pretrained, ("FluxTransformer2DModel",), flux_latent_shape,
-                             "embedded", "FluxPipeline"))
+                             "embedded", "FluxPipeline"), {"FluxTransformer2DModel": flux_velocity})

@@ -13,15 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import GdroError
-from .base import (
-    BackendSpec,
-    Conditioning,
-    read_model_config,
-    register_backend,
-    register_denoiser,
-    timesteps,
-    vae_latent_shape,
-)
+from .base import BackendSpec, Conditioning, read_model_config, register_backend, timesteps, vae_latent_shape
 from .latent import LatentBackend
 
 
@@ -57,6 +49,5 @@ def sd3_latent_shape(path: str, resolution: int) -> tuple[int, int, int]:
     return shape
 
 
-register_denoiser("SD3Transformer2DModel", sd3_velocity)
 register_backend(BackendSpec("sd3", SD3Backend.from_pretrained, ("SD3Transformer2DModel",), sd3_latent_shape,
-                             "cfg", "StableDiffusion3Pipeline"))
+                             "cfg", "StableDiffusion3Pipeline"), {"SD3Transformer2DModel": sd3_velocity})

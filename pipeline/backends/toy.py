@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import GdroError
 from ..toy.prompts import NUMBERS, RELATIONS
 from ..toy.world import COLORS, PLURALS, SHAPES, SIZE, from_unit
-from .base import BackendSpec, Conditioning, register_backend, register_denoiser, timesteps, transformer_velocity
+from .base import BackendSpec, Conditioning, register_backend, timesteps, transformer_velocity
 
 PAD, UNK = "<pad>", "<unk>"
 
@@ -210,8 +210,8 @@ def toy_verifier():
     return ToyVerifier()
 
 
-register_denoiser("UNet2DConditionModel", unet_velocity)
 # The toy world's shipped base is a UNet; tiny SD3-transformer toy models keep the SD3 code path under test (its
 # velocity is the sd3 backend's).
 register_backend(BackendSpec("toy", load_toy, ("UNet2DConditionModel", "SD3Transformer2DModel"), toy_latent_shape,
-                             "cfg", "StableDiffusion3Pipeline", verifier=toy_verifier))
+                             "cfg", "StableDiffusion3Pipeline", verifier=toy_verifier),
+                 {"UNet2DConditionModel": unet_velocity})
