@@ -5,9 +5,11 @@ A backend is anything with these methods (a Protocol, not a base class). Stage o
 conditioning, so the training job never loads a text encoder or a VAE.
 
 One registry entry per backend (`BackendSpec`) says everything the two stages need to know about it: how to
-load the whole model (stage one, eval), which diffusers class its denoiser is (stage two loads only that), its
-velocity function, the latent shape read from config files, and how it takes guidance. The velocity function
-is the one code path for both stages: the backends' own `velocity` calls it on their transformer, and stage
+load the whole model (stage one, eval), which diffusers class its denoiser is (stage two loads only that), the
+latent shape read from config files, how it takes guidance, and its verifier for evaluation if it has one. Each
+backend file (`toy.py`, `sd3.py`, `flux.py`) registers its spec and the velocity function of each denoiser class
+it brings; this module imports them by name on the first look-up. The velocity function is the one code path
+for both stages: the backends' own `velocity` calls it on their transformer, and stage
 two calls it on the model being trained (`velocity_fn`), so "policy error at step 0 == cached reference error"
 holds for every backend by construction.
 """
@@ -159,7 +161,8 @@ class BackendSpec:
 BACKENDS: dict[str, BackendSpec] = {}
 
 
-def register_backend(spec: BackendSpec, velocities: dict[str, Callable[..., torch.Tensor]] | None = None) -> BackendSpec:
+def register_backend(spec: BackendSpec,
+                     velocities: dict[str, Callable[..., torch.Tensor]] | None = None) -> BackendSpec:
     """Register a backend and the velocity functions of the denoiser classes it brings (`register_denoiser`)."""
     BACKENDS[spec.name] = spec
     for cls, fn in (velocities or {}).items():
