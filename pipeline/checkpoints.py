@@ -23,7 +23,7 @@ from .ema import averaged
 from .errors import GdroError
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
-BEST = "best"  # <run>/best: the model kept by corrected score during training (pipeline/selection.py)
+BEST = "best"  # <run>/best: the model kept by corrected score during training (pipeline/eval/selection.py)
 _LORA_A = re.compile(r"^(.*)\.lora_A\.([^.]+)\.weight$")
 
 

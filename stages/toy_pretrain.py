@@ -28,12 +28,13 @@ from pipeline.backends.base import Conditioning, transformer_velocity
 from pipeline.backends.toy import TextEncoderConfig, ToyBackend, ToyTextEncoder, build_transformer, build_unet
 from pipeline.config import ToyPretrainConfig, save_resolved, to_dict
 from pipeline.errors import GdroError
-from pipeline.evaluation import sample_prompt_set
+from pipeline.eval.fixed_noise import sample_prompt_set
+from pipeline.eval.tables import format_table, kind_table
 from pipeline.flow import sample_t
-from pipeline.prompts import load_prompts
+from pipeline.prompt_files import load_prompts
 from pipeline.sampling import SamplerConfig
 from pipeline.toy.prompts import KINDS, all_prompts, perturb, sample_scene
-from pipeline.toy.scoring import format_table, kind_table, score_images
+from pipeline.toy.scoring import score_images
 from pipeline.toy.world import render, to_unit
 
 
