@@ -135,7 +135,7 @@ def verify(dataset):
 def inspect(dataset, sheet, n_groups):
     """Summarise a dataset (groups, images, reward means per reward and per kind, zero-spread groups) and
     draw a contact sheet of a few groups sorted by reward."""
-    from .inspect import inspect_dataset
+    from .dataset_summary import inspect_dataset
 
     click.echo(inspect_dataset(Path(dataset), Path(sheet) if sheet else None, n_groups))
 
@@ -155,7 +155,7 @@ def status(folder):
     if load_jobs(Path(folder)):
         click.echo(run_status(Path(folder)))
         return
-    from .inspect import rollout_status
+    from .dataset_summary import rollout_status
 
     click.echo(rollout_status(Path(folder)))
 
@@ -307,10 +307,11 @@ def toy_score(model, prompts, steps, guidance, limit, seed):
     """Sample one image per test prompt line, print the verifier's per-kind table, the true renders' table of
     the same lines and the checks a toy base model must pass (it draws; it composes unreliably)."""
     from .backends.toy import ToyBackend
-    from .evaluation import sample_prompt_set
-    from .prompts import load_prompts
+    from .eval.fixed_noise import sample_prompt_set
+    from .eval.tables import format_table, kind_table
+    from .prompt_files import load_prompts
     from .sampling import SamplerConfig
-    from .toy.scoring import base_target_checks, format_table, kind_table, score_images, true_render_scores
+    from .toy.scoring import base_target_checks, score_images, true_render_scores
 
     metas = load_prompts(prompts)
     metas = metas[:limit] if limit else metas

@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -20,6 +20,7 @@ from .errors import GdroError
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 T = TypeVar("T")
+TLaw = Literal["uniform", "logit_normal"]  # the law of t: uniform, or SD3's logit-normal
 
 
 # ------------------------------------------------------------------------------------------------ the configs
@@ -27,12 +28,11 @@ T = TypeVar("T")
 class ModelConfig:
     backend: str = "toy"  # toy | sd3 | flux (registered in pipeline.backends)
     path: str = "models/toy-base"  # local folder; nothing is ever downloaded
-    dtype: str = "float32"  # float32 | bfloat16 | float16 (weights and activations)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # float32 | bfloat16 | float16 (weights and activations)
     resolution: int = 0  # image side in pixels (square); 0 = the model's default (toy: 32, SD3.5/FLUX: 1024)
     max_sequence_length: int = 0  # T5 tokens per prompt; 0 = the backend's default (sd3: 256, flux: 512)
 
     def check(self, key: str) -> None:
-        _choice(f"{key}dtype", self.dtype, ("float32", "bfloat16", "float16"))
         if self.resolution < 0 or self.max_sequence_length < 0:
             raise GdroError(f"{key}resolution and {key}max_sequence_length must be >= 0 (0 = the model's default)")
 
@@ -62,7 +62,7 @@ class ToyPretrainConfig:
     warmup_steps: int = 200
     ema_decay: float = 0.995  # the saved weights are the EMA
     caption_dropout: float = 0.1  # share of empty prompts, so guidance can be used at sampling
-    caption_noise: float = 0.4  # share of compositional pairs whose image is of a perturbed scene (toy.prompts.perturb)
+    caption_noise: float = 0.5  # share of compositional pairs whose image is of a perturbed scene (toy.prompts.perturb)
     seed: int = 0
     threads: int = 2  # torch CPU threads
     text_dim: int = 128
@@ -114,10 +114,10 @@ class RolloutsConfig:
     # detector_params, score: partial | strict, threshold, counting_threshold, position_threshold}; or
     # "module:function" for your own scorer. Paths are local only; see README "Rewards" and pipeline/rewards/
     ref_cache_k: int = 2  # K cached reference draws per group (t_k, noise seed); 0 disables the cache
-    t_law: str = "uniform"  # law of t for the cache draws: uniform | logit_normal
+    t_law: TLaw = "uniform"  # law of t for the cache draws: uniform | logit_normal
     t_min: float = 0.0  # t range of the cache draws (training with the cache uses the same draws)
     t_max: float = 1.0
-    image_format: str = "png"  # png | webp (lossless)
+    image_format: Literal["png", "webp"] = "png"  # png | webp (lossless)
 
     def check(self, key: str) -> None:
         for name in ("group_size", "prompts_per_shard", "batch_size"):
@@ -126,8 +126,6 @@ class RolloutsConfig:
             raise GdroError(f"{key}group_size must be >= 2 (a group needs members to compare), got {self.group_size}")
         if self.num_prompts < 0 or self.ref_cache_k < 0:
             raise GdroError(f"{key}num_prompts and {key}ref_cache_k must be >= 0")
-        _choice(f"{key}t_law", self.t_law, ("uniform", "logit_normal"))
-        _choice(f"{key}image_format", self.image_format, ("png", "webp"))
         if not 0.0 <= self.t_min < self.t_max <= 1.0:
             raise GdroError(f"{key}t_min/t_max must satisfy 0 <= t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
         if not self.rewards:
@@ -141,13 +139,13 @@ class TrainConfig:
     loss: str = "dgpo"  # dgpo | gdro-ce | gdro-pl | dpo | raft (see pipeline/losses.py)
     reward_weights: dict[str, float] = field(default_factory=lambda: {"toy_geneval": 1.0})  # raw reward -> weight
     beta: float = 500.0  # implicit-reward scale: rho = -beta (L - Lref)
-    adv_scope: str = "group"  # std of the advantages over the group | batch
+    adv_scope: Literal["group", "batch"] = "group"  # std of the advantages over the group | batch
     adv_clip: float = 5.0  # |A| <= adv_clip
     tau: float = 1.0  # gdro-ce target temperature
     kl_beta: float = 0.0  # weight of ||v_theta - v_ref||^2 (needs a live reference, not the cache)
-    reference: str = "auto"  # auto (cache if the dataset has one, else lora if LoRA, else copy) | cache | lora | copy
-    error_param: str = "x0"  # error in the implicit rewards: x0 (DGPO Eq. 17, = t^2 x the velocity error) | v
-    t_law: str = "uniform"  # law of t when the reference is live: uniform | logit_normal
+    reference: Literal["auto", "cache", "lora", "copy"] = "auto"  # auto (cache if the dataset has one, else lora if LoRA, else copy) | cache | lora | copy
+    error_param: Literal["x0", "v"] = "x0"  # error in the implicit rewards: x0 (DGPO Eq. 17, = t^2 x the velocity error) | v
+    t_law: TLaw = "uniform"  # law of t when the reference is live: uniform | logit_normal
     t_min: float = 0.0  # DGPO's timestep clip: t in [t_min, t_max]
     t_max: float = 1.0
     steps: int = 300  # optimiser steps
@@ -163,17 +161,17 @@ class TrainConfig:
         "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"])
     # peft target_modules (module-name suffixes). Bare names adapt every attention of that name, SD3.5-Medium's
     # second (attn2) attention of its dual-attention blocks included; "attn.to_q" etc. adapt `attn` only (DGPO)
-    zero_stage: int = 2  # DeepSpeed ZeRO stage: 2 | 3
+    zero_stage: Literal[2, 3] = 2  # DeepSpeed ZeRO stage: 2 | 3
     deepspeed_config: str = ""  # a JSON file merged over the DeepSpeed config gdro builds from train.* (ZeRO
     # tuning, CPU offload: cluster/deepspeed/*.json); "" = the built one (ZeRO-<zero_stage>, defaults)
-    precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | fp32 | bf16
-    export_dtype: str = "auto"  # dtype of the exported weights: auto (the training precision) | fp32 | bf16
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto (bf16 on a GPU that has it, else fp32) | fp32 | bf16
+    export_dtype: Literal["auto", "fp32", "bf16"] = "auto"  # dtype of the exported weights: auto (the training precision) | fp32 | bf16
     gradient_checkpointing: bool = False
     save_every: int = 100  # steps between checkpoints (all ranks save through DeepSpeed)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     num_workers: int = 0  # DataLoader workers per rank
     shuffle_buffer: int = 64  # groups
-    data_order: str = "shuffled"  # shuffled (shards resampled per rank) | sequential (step s's global batch is
+    data_order: Literal["shuffled", "sequential"] = "shuffled"  # shuffled (shards resampled per rank) | sequential (step s's global batch is
     # groups [s*B, (s+1)*B) mod N of all N groups in key order, B = groups_per_step x ranks, rank r taking the
     # r-th slice: the same global batches for any number of ranks; every rank reads every shard; for checks)
     verify_shards: bool = True  # sha256 of every shard against the manifest before training (off for huge sets)
@@ -189,14 +187,6 @@ class TrainConfig:
         from .losses import LOSSES
 
         _choice(f"{key}loss", self.loss, tuple(LOSSES))
-        _choice(f"{key}adv_scope", self.adv_scope, ("group", "batch"))
-        _choice(f"{key}reference", self.reference, ("auto", "cache", "lora", "copy"))
-        _choice(f"{key}t_law", self.t_law, ("uniform", "logit_normal"))
-        _choice(f"{key}error_param", self.error_param, ("x0", "v"))
-        _choice(f"{key}zero_stage", self.zero_stage, (2, 3))
-        _choice(f"{key}precision", self.precision, ("auto", "fp32", "bf16"))
-        _choice(f"{key}export_dtype", self.export_dtype, ("auto", "fp32", "bf16"))
-        _choice(f"{key}data_order", self.data_order, ("shuffled", "sequential"))
         for name in ("steps", "groups_per_step", "grad_accum", "lr", "save_every", "keep_checkpoints", "adv_clip",
                      "tau"):
             _positive(f"{key}{name}", getattr(self, name))
@@ -232,7 +222,7 @@ class EvalConfig:
     seeds: int = 1  # images per prompt line
     base_seed: int = 777  # eval noise seeds: sha256(base_seed, line, member): same noise for every model
     checkpoint: str = ""  # model folder to evaluate; "" = <train.out>/export
-    checkpoints: str = "all"  # with checkpoint "": all (every checkpoint left in <train.out>/checkpoints, plus
+    checkpoints: Literal["all", "export"] = "all"  # with checkpoint "": all (every checkpoint left in <train.out>/checkpoints, plus
     # <train.out>/best; <train.out>/export when there is none) | export (<train.out>/export only)
     out: str = ""  # report folder; "" = <train.out>/eval
     batch_size: int = 100  # images per sampling batch
@@ -255,7 +245,6 @@ class EvalConfig:
         _positive(f"{key}batch_size", self.batch_size)
         if self.num_prompts < 0:
             raise GdroError(f"{key}num_prompts must be >= 0")
-        _choice(f"{key}checkpoints", self.checkpoints, ("all", "export"))
         names = ("strict", "partial", "quality", *self.rewards)
         for name, what in ((self.target, "target"), *((o, "out_of_domain") for o in self.out_of_domain)):
             if name not in names:
@@ -331,7 +320,7 @@ def _positive(key: str, value) -> None:
 
 
 def _choice(key: str, value, choices) -> None:
-    if value not in choices:
+    if value not in choices or type(value) not in {type(c) for c in choices}:  # 2.0 is no ZeRO stage
         raise GdroError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
 
 
@@ -339,6 +328,9 @@ def _coerce(key: str, tp, value):
     """Check (and gently convert, int -> float) one value against a type annotation."""
     origin = typing.get_origin(tp)
     if tp is Any:
+        return value
+    if origin is Literal:
+        _choice(key, value, typing.get_args(tp))
         return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -392,6 +384,13 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
 
 
 def validate(obj, prefix: str = "") -> None:
+    """The fixed choices (`Literal` fields), then the config's own `check`: the first problem raises, naming its
+    key."""
+    if dataclasses.is_dataclass(obj):
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            if typing.get_origin(hints[f.name]) is Literal:
+                _choice(_join(prefix, f.name), getattr(obj, f.name), typing.get_args(hints[f.name]))
     if hasattr(obj, "check"):
         obj.check(prefix + "." if prefix else "")  # check(p) names its keys f"{p}name"
 
@@ -490,18 +489,22 @@ def save_resolved(cfg, path: Path) -> None:
 
 
 __all__ = [
+    "EvalConfig",
     "ExperimentConfig",
     "ModelConfig",
     "RolloutsConfig",
     "SamplerConfig",
+    "SlurmConfig",
     "ToyPretrainConfig",
     "TrainConfig",
     "apply_overrides",
     "dump",
-    "field",
     "from_dict",
+    "load_yaml",
     "parse_override",
     "preset_names",
     "resolve",
     "save_resolved",
+    "to_dict",
+    "validate",
 ]

@@ -56,7 +56,7 @@ class Job:
 def num_shards(cfg) -> int:
     from schemas import layout
 
-    from .prompts import load_prompts
+    from .prompt_files import load_prompts
 
     r = cfg.rollouts
     n = len(load_prompts(r.prompts))
@@ -312,7 +312,7 @@ def run_status(run: Path) -> str:
         array = f" (array {rec['array']})" if rec.get("array") else ""
         lines.append(f"  {stage:<8} job {rec['job_id']}{array}: {job_state(rec['job_id'])}")
         if stage == "rollouts":
-            from .inspect import rollout_status
+            from .dataset_summary import rollout_status
 
             try:
                 detail = rollout_status(where(cfg.rollouts.out))

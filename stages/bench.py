@@ -93,7 +93,7 @@ def bench_rollouts(cfg: ExperimentConfig, n_prompts: int, dataset: Path) -> list
     written); and where the rollouts' wall time goes, from the shards' own stats. The dataset stays in `dataset`."""
     import dataclasses
 
-    from pipeline.prompts import load_prompts
+    from pipeline.prompt_files import load_prompts
     from schemas.records import ShardStats
     from stages.rollouts import main as rollouts
 
@@ -126,36 +126,12 @@ def bench_rollouts(cfg: ExperimentConfig, n_prompts: int, dataset: Path) -> list
 
 
 # ------------------------------------------------------------------------------------------------ training
-class _ClockTap:
-    """Stands in for the `time` module inside stages.train while the bench runs the trainer: `time()` returns the
-    wall clock unchanged (metrics.jsonl stays in wall time) and also notes this process's CPU time at every call,
-    so the same steps can be read in CPU seconds too (`_cpu_steps`)."""
-
-    def __init__(self):
-        self.stamps: list[tuple[float, float]] = []
-
-    def time(self) -> float:
-        wall = time.time()
-        self.stamps.append((wall, time.process_time()))
-        return wall
-
-    def __getattr__(self, name):
-        return getattr(time, name)
-
-
-def _cpu_steps(stamps: list[tuple[float, float]], records: list[dict]) -> list[tuple[float, float]] | None:
-    """Per step (step CPU s, loader CPU s), from the trainer's clock calls: one before the loop, then per step
-    three (before next(loader), after it, at the step's end). None unless the wall stamps reproduce every
-    step_s and data_s of metrics.jsonl exactly, i.e. unless that is still how stages/train.py keeps time."""
-    if len(stamps) != 1 + 3 * len(records):
+def _cpu_steps(records: list[dict]) -> list[tuple[float, float]] | None:
+    """Per step (step CPU s, loader CPU s) as the trainer logged them in metrics.jsonl (`step_cpu_s`,
+    `data_cpu_s`); None when its records do not carry them."""
+    if not records or not all("step_cpu_s" in r and "data_cpu_s" in r for r in records):
         return None
-    out = []
-    for k, rec in enumerate(records):
-        end0, start, got, end = stamps[3 * k], stamps[3 * k + 1], stamps[3 * k + 2], stamps[3 * k + 3]
-        if abs(end[0] - end0[0] - rec["step_s"]) > 1e-9 or abs(got[0] - start[0] - rec["data_s"]) > 1e-9:
-            return None
-        out.append((end[1] - end0[1], got[1] - start[1]))
-    return out
+    return [(r["step_cpu_s"], r["data_cpu_s"]) for r in records]
 
 
 def _run_trainer(cfg: ExperimentConfig) -> tuple[list[dict], list[tuple[float, float]] | None]:
@@ -167,25 +143,22 @@ def _run_trainer(cfg: ExperimentConfig) -> tuple[list[dict], list[tuple[float, f
 
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR2)}
     env = dict(os.environ)
-    tap = _ClockTap()
-    train.time = tap
     try:
         out = train.main(cfg, resume=False)
     finally:
-        train.time = time
         for s, h in handlers.items():
             signal.signal(s, h)
         os.environ.clear()
         os.environ.update(env)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return records, _cpu_steps(tap.stamps, records)
+    return records, _cpu_steps(records)
 
 
 def _training_batch(cfg: ExperimentConfig):
     """The trainer's first batch of its dataset, as it feeds the model: x0, eps, t, conditioning ([N*G, ...], one
     t and eps per group), in the trainer's dtype; and the dataset's velocity function (the trainer's)."""
     from pipeline.backends.base import dataset_velocity
-    from pipeline.data import group_batches
+    from pipeline.train_data import group_batches
 
     t = cfg.train
     manifest, loader = group_batches(Path(t.dataset), groups=t.groups_per_step, weights=t.reward_weights,
@@ -331,7 +304,7 @@ def bench_reference(cfg: ExperimentConfig, batch, velocity, steps: int) -> dict:
 def bench_reading(dataset: Path, repeats: int) -> dict:
     import webdataset as wds
 
-    from pipeline.data import group_batches, shard_urls
+    from pipeline.train_data import group_batches, shard_urls
 
     manifest, urls = shard_urls(dataset)
     n = manifest["totals"]["groups"]

@@ -2,9 +2,9 @@
 
 models (the reference, every checkpoint left in the run, the best model kept during training; or one folder,
 eval.checkpoint; each loaded through the backend registry) -> sample every prompt line with the same seeds and
-score every image (the target, the out-of-domain scores, every reward of eval.rewards; on the toy world also all
-the verifier's scores) -> summary (bootstrap intervals over prompts, win rates,
-corrected score, hacking trend; pipeline/report.py) -> a grid per checkpoint and curves over steps ->
+score every image (the target, the out-of-domain scores, every reward of eval.rewards, and the backend's verifier's
+scores if it has one: the toy world's) -> summary (bootstrap intervals over prompts, win rates,
+corrected score, hacking trend; pipeline/eval/report.py) -> a grid per checkpoint and curves over steps ->
 <eval.out>/{results.json, report.md, report.html, curves.png, grid_*.png}. Deterministic: the same models and
 config give the same numbers (fixed noise, fixed bootstrap seed, no timestamps in results.json).
 """
@@ -20,19 +20,20 @@ from tqdm import tqdm
 from pipeline.checkpoints import load_model
 from pipeline.config import ExperimentConfig, save_resolved
 from pipeline.errors import GdroError
-from pipeline.evaluation import eval_rewards, evaluate_backend
-from pipeline.prompts import load_prompts
-from pipeline.report import dump_json, plot_curves, plot_selection, report_blocks, summarise, write_report
+from pipeline.eval.fixed_noise import eval_rewards, evaluate_backend, verifier_of
+from pipeline.eval.grids import draw_comparison, pick_prompts
+from pipeline.eval.report import dump_json, plot_curves, plot_selection, report_blocks, summarise, write_report
+from pipeline.eval.tables import format_table
+from pipeline.prompt_files import load_prompts
 from pipeline.runs import SELECTION, ModelRef, run_models
-from pipeline.toy.grid import draw_comparison, pick_prompts
-from pipeline.toy.scoring import format_table
 
 SHORT = {"strict": "s", "partial": "p", "quality": "q"}
 
 
-def short(name: str) -> str:
-    """A cell label for a score: s, p, q, or the initials of a reward's name (toy_color_area: ca)."""
-    return SHORT.get(name) or "".join(w[0] for w in name.removeprefix("toy_").split("_") if w)
+def short(name: str, world: str = "") -> str:
+    """A cell label for a score: s, p, q, or the initials of a reward's name without its world's prefix (on the
+    toy world, toy_color_area: ca)."""
+    return SHORT.get(name) or "".join(w[0] for w in name.removeprefix(f"{world}_").split("_") if w)
 
 
 def models_to_evaluate(cfg: ExperimentConfig) -> list[ModelRef]:
@@ -50,18 +51,19 @@ def models_to_evaluate(cfg: ExperimentConfig) -> list[ModelRef]:
 
 def draw_grids(models: list[dict], metas: list[dict], cfg: ExperimentConfig, out: Path) -> tuple[list, str]:
     """A grid per trained model (reference row against its row) and one with every model, same noise per
-    column (the first seed of each line). Frames: the toy verifier's strict verdict (toy world), else none."""
+    column (the first seed of each line). Frames: the backend's verifier's verdict (the toy world's), else none."""
     e = cfg.eval
-    toy = cfg.model.backend == "toy"
+    verifier = verifier_of(cfg.model.backend)
+    passes = verifier.passes if verifier is not None else None
     picked = pick_prompts(metas, e.grid_per_kind)
     lines = [metas.index(m) for m in picked]
     shown = (["partial"] if e.target == "strict" else [e.target]) + e.out_of_domain[:1]
-    legend = ", ".join(f"{short(n)} = {n}" for n in shown)
-    frame = "green frame = strict pass; " if toy else ""
+    legend = ", ".join(f"{short(n, cfg.model.backend)} = {n}" for n in shown)
+    frame = verifier.frame_legend if verifier is not None else ""
 
     def row(mdl):
         imgs = np.stack([mdl["images"][i * e.seeds] for i in lines])
-        text = [" ".join(f"{short(n)} {mdl['scores'][n][i * e.seeds]:.2f}" for n in shown)
+        text = [" ".join(f"{short(n, cfg.model.backend)} {mdl['scores'][n][i * e.seeds]:.2f}" for n in shown)
                 for i in lines]
         return imgs, text
 
@@ -73,19 +75,19 @@ def draw_grids(models: list[dict], metas: list[dict], cfg: ExperimentConfig, out
         path = draw_comparison(np.stack([rows[0][0], rows[k][0]]), ["reference", models[k]["label"]], picked,
                                [rows[0][1], rows[k][1]], out / f"grid_{slug}.png",
                                f"{models[k]['label']} vs. reference, same noise per column ({sampler}); "
-                               f"{frame}{legend}", verdicts=toy)
+                               f"{frame}{legend}", passes=passes)
         grids.append((models[k]["label"], path.name))
     if len(models) > 2:
         path = draw_comparison(np.stack([r[0] for r in rows]), [m["label"] for m in models], picked,
                                [r[1] for r in rows], out / "grid_all.png",
-                               f"every model, same noise per column ({sampler}); {frame}{legend}", verdicts=toy)
+                               f"every model, same noise per column ({sampler}); {frame}{legend}", passes=passes)
         grids.insert(0, ("all models", path.name))
     return grids, legend
 
 
 def main(cfg: ExperimentConfig) -> dict:
     e = cfg.eval
-    toy = cfg.model.backend == "toy"
+    verifier = verifier_of(cfg.model.backend)  # the toy world's verifier; None for a real model
     rewards = eval_rewards(cfg)  # refuses a target the backend cannot score, before any model loads
     refs = models_to_evaluate(cfg)
     run = Path(cfg.train.out)
@@ -101,7 +103,8 @@ def main(cfg: ExperimentConfig) -> dict:
         backend = load_model(ref, cfg)
         with tqdm(total=len(metas) * e.seeds, desc=f"eval {ref.label}", unit="img", dynamic_ncols=True) as bar:
             images, scores = evaluate_backend(backend, metas, cfg.sampler, base_seed=e.base_seed, seeds=e.seeds,
-                                              batch=e.batch_size, rewards=rewards, toy=toy, progress=bar)
+                                              batch=e.batch_size, rewards=rewards, verifier=verifier,
+                                              progress=bar)
         models.append({"label": ref.label, "step": ref.step, "path": str(ref.path), "images": images,
                        "scores": scores})
         del backend
@@ -119,7 +122,7 @@ def main(cfg: ExperimentConfig) -> dict:
             "sampler": f"{cfg.sampler.scheduler}, {cfg.sampler.steps} steps, shift {cfg.sampler.shift:g}, "
                        f"guidance {cfg.sampler.guidance:g}"}
     figures = {"curves": curves.name if curves else None, "selection": sel_png.name if sel_png else None,
-               "grids": grids, "legend": legend, "verdict_frames": toy}
+               "grids": grids, "legend": legend, "verdict_frames": verifier is not None}
     md, page = write_report(report_blocks(summary, meta, figures), out)
     result = {**meta, "images_per_model": len(metas) * e.seeds, **summary,
               "figures": {"curves": figures["curves"], "selection": figures["selection"],
@@ -141,9 +144,10 @@ def main(cfg: ExperimentConfig) -> dict:
     print(f"best by corrected score: {summary['best']}")
     O = e.out_of_domain[0]
     s0, s1 = ref_s["overall"][T]["value"], last["overall"][T]["value"]
-    w = last["win_rate"]["partial" if toy else T]
+    win, win_label = (verifier.win_metric, verifier.win_label) if verifier is not None else (T, T)
+    w = last["win_rate"][win]
     print(f"{T} {s0:.3f} -> {s1:.3f} ({s1 - s0:+.3f}); {O} (out-of-domain) "
-          f"{ref_s['overall'][O]['value']:.3f} -> {last['overall'][O]['value']:.3f}; {'partial-credit' if toy else T} "
+          f"{ref_s['overall'][O]['value']:.3f} -> {last['overall'][O]['value']:.3f}; {win_label} "
           f"win rate {w['value']:.2f} (ties {w['ties']:.2f}) [{last['label']}]")
     print(f"report: {md} and {page}")
     return result

@@ -18,11 +18,11 @@ from tqdm import tqdm
 
 from pipeline.backends.base import Conditioning, backend_from_config
 from pipeline.config import ExperimentConfig
-from pipeline.datasets import prepare_folder, shard_is_complete
+from pipeline.dataset_identity import prepare_folder, shard_is_complete
 from pipeline.distributed import task_from_env
 from pipeline.errors import GdroError
 from pipeline.flow import flow_errors, sample_t
-from pipeline.prompts import load_prompts
+from pipeline.prompt_files import load_prompts
 from pipeline.rewards import Reward, make_reward
 from pipeline.sampling import sample, uses_cfg
 from schemas import layout

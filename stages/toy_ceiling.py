@@ -24,7 +24,7 @@ from pipeline.backends.toy import ToyBackend
 from pipeline.config import ExperimentConfig, save_resolved, to_dict
 from pipeline.errors import GdroError
 from pipeline.flow import flow_errors, sample_t
-from pipeline.prompts import load_prompts
+from pipeline.prompt_files import load_prompts
 from pipeline.toy.prompts import sample_scene
 from pipeline.toy.world import render, to_unit
 

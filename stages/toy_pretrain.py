@@ -28,12 +28,13 @@ from pipeline.backends.base import Conditioning, transformer_velocity
 from pipeline.backends.toy import TextEncoderConfig, ToyBackend, ToyTextEncoder, build_transformer, build_unet
 from pipeline.config import ToyPretrainConfig, save_resolved, to_dict
 from pipeline.errors import GdroError
-from pipeline.evaluation import sample_prompt_set
+from pipeline.eval.fixed_noise import sample_prompt_set
+from pipeline.eval.tables import format_table, kind_table
 from pipeline.flow import sample_t
-from pipeline.prompts import load_prompts
+from pipeline.prompt_files import load_prompts
 from pipeline.sampling import SamplerConfig
 from pipeline.toy.prompts import KINDS, all_prompts, perturb, sample_scene
-from pipeline.toy.scoring import format_table, kind_table, score_images
+from pipeline.toy.scoring import score_images
 from pipeline.toy.world import render, to_unit
 
 
@@ -70,6 +71,10 @@ def _denoiser(cfg: ToyPretrainConfig):
 
 
 # ------------------------------------------------------------------------------ resumable state (no pickle)
+# Keys a resumed run may change: the length, the threads, and the cadence and size of evaluations and saves,
+# none of which draws from the training RNGs (evaluation uses its own seeded noise).
+RESUMABLE_CHANGES = ("steps", "threads", "out", "eval_every", "eval_n", "eval_prompts", "eval_sampler_steps",
+                     "eval_guidance", "keep_every", "state_every")
 def _save_state(folder: Path, step: int, model, ema, opt, sched, rng: np.random.Generator,
                 gen: torch.Generator, cfg: ToyPretrainConfig) -> None:
     """Everything the next step depends on, as safetensors + JSON, written to a temporary folder and renamed."""
@@ -96,7 +101,7 @@ def _load_state(folder: Path, model, ema, opt, sched, rng: np.random.Generator, 
 
     meta = json.loads((folder / "state.json").read_text())
     saved, now = dict(meta["config"]), to_dict(cfg)
-    differ = sorted(k for k in set(saved) | set(now) if k not in ("steps", "threads") and saved.get(k) != now.get(k))
+    differ = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
     if differ:
         raise GdroError(f"{folder} is the state of a pre-training with other settings ({', '.join(differ)}); "
                         f"use another out= or delete {folder} to start afresh")

@@ -21,14 +21,14 @@ from tqdm import tqdm
 from pipeline import runs
 from pipeline.backends.base import Conditioning, dataset_velocity, load_transformer
 from pipeline.config import ExperimentConfig, TrainConfig, save_resolved
-from pipeline.data import check_dataset, group_batches
 from pipeline.distributed import deepspeed_config, init_distributed, print0
 from pipeline.ema import WeightEMA
 from pipeline.errors import GdroError
+from pipeline.eval.selection import Selector
 from pipeline.flow import error_weight, flow_errors, sample_t
 from pipeline.losses import NEEDS_REFERENCE, group_loss, kl_penalty, pairwise_accuracy
 from pipeline.preemption import Preemption, requeue_on_preemption
-from pipeline.selection import Selector
+from pipeline.train_data import check_dataset, group_batches
 from schemas.seeds import noise_for
 
 LORA_TARGETS = TrainConfig().lora_targets  # the default: every attention projection of these names
@@ -203,12 +203,13 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
     for _ in range(step):  # resume: skip the batches the run already used, so
         next(it)  # it continues exactly as an uninterrupted run would (same data, same per-step seeds)
     bar = tqdm(total=t.steps, initial=step, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True)
-    t_last = time.time()
+    t_last, cpu_last = time.time(), time.process_time()
     with Preemption() as stop:  # SIGUSR2/SIGTERM: checkpoint, then requeue; the old handlers come back after
         while step < t.steps:
-            t_data = time.time()
+            t_data, cpu_data = time.time(), time.process_time()
             batch = next(it)
             data_s = time.time() - t_data  # time waiting for the loader: the bench's data-loading share
+            data_cpu_s = time.process_time() - cpu_data
             n = batch["rewards"].shape[0]
             tt, eps, ref_cached = _draws(batch, ref_mode, t, _group_generators(t.seed, step, rank * n, n), shape)
             x0 = batch["latents"].reshape(n * G, *shape).to(device, dtype)
@@ -247,7 +248,7 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
             if ema is not None:
                 ema.update(engine.module)
             step += 1
-            now = time.time()
+            now, cpu_now = time.time(), time.process_time()
             sig = out_.signal
             record = {
                 "step": step, "loss": loss_global, "kl": float(totals[2]) / world,  # means over all ranks
@@ -259,8 +260,9 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
                 "grad_norm": float(engine.get_global_grad_norm() or 0.0), "lr": float(sched.get_last_lr()[0]),
                 "images_per_s": n * G * world / max(now - t_last, 1e-9), "t_mean": float(tt.mean()),
                 "step_s": now - t_last, "data_s": data_s,
+                "step_cpu_s": cpu_now - cpu_last, "data_cpu_s": data_cpu_s,  # this process's CPU time, for the bench
             }
-            t_last = now
+            t_last, cpu_last = now, cpu_now
             if rank == 0:
                 metrics_f.write(json.dumps(record) + "\n")
                 metrics_f.flush()

@@ -35,12 +35,25 @@ def test_toy_preset_resolves_with_typed_sections():
     ("train.reward_weights=3", "train.reward_weights must be a mapping"),
     ("train.reference=lora", "train.reference=lora needs train.lora_rank > 0"),
     ("model.dtype=float8", "model.dtype must be one of"),
+    ("train.zero_stage=1", "train.zero_stage must be one of 2, 3; got 1"),
+    ("train.zero_stage=2.0", "train.zero_stage must be one of 2, 3; got 2.0"),
+    ("eval.checkpoints=best", "eval.checkpoints must be one of all, export; got 'best'"),
     ("rollouts.rewards={}", "rollouts.rewards is empty"),
 ])
 def test_bad_values_name_the_key(override, fragment):
     with pytest.raises(GdroError) as e:
         resolve(ExperimentConfig, preset="toy", overrides=[override])
     assert fragment in str(e.value)
+
+
+def test_fixed_choices_are_checked_on_configs_built_in_code_too():
+    import dataclasses
+
+    from pipeline.config import validate
+
+    cfg = resolve(ExperimentConfig, preset="toy")
+    with pytest.raises(GdroError, match="train.precision must be one of auto, fp32, bf16; got 'fp16'"):
+        validate(dataclasses.replace(cfg.train, precision="fp16"), "train")
 
 
 def test_overrides_parse_as_yaml_and_ints_widen_to_floats():

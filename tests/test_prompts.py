@@ -1,4 +1,4 @@
-"""The prompt loader (`pipeline.prompts.load_prompts`): plain text, GenEval metadata JSONL, the OCR convention,
+"""The prompt loader (`pipeline.prompt_files.load_prompts`): plain text, GenEval metadata JSONL, the OCR convention,
 bad input named by file, line and field, and the shipped samples the presets point at."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.config import ExperimentConfig, resolve
 from pipeline.errors import GdroError
-from pipeline.prompts import load_prompts
+from pipeline.prompt_files import load_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 

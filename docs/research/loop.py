@@ -19,14 +19,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from pipeline.backends.base import Conditioning, transformer_velocity
 from pipeline.backends.toy import ToyBackend
 from pipeline.config import ExperimentConfig, resolve
-from pipeline.data import _to_item, shard_urls
-from pipeline.evaluation import evaluate_backend
+from pipeline.eval.fixed_noise import evaluate_backend, verifier_of
+from pipeline.eval.tables import kind_table
 from pipeline.flow import flow_errors, sample_t
 from pipeline.losses import group_loss
-from pipeline.prompts import load_prompts
+from pipeline.prompt_files import load_prompts
 from pipeline.toy.prompts import sample_scene, split_pools
-from pipeline.toy.scoring import kind_table
 from pipeline.toy.world import render, to_unit
+from pipeline.train_data import _to_item, shard_urls
 from schemas.manifest import iter_tar_groups
 
 p = argparse.ArgumentParser()
@@ -81,7 +81,8 @@ def evaluate(step):
     m = ema if ema is not None else policy
     be = ToyBackend(m, base.text_encoder)
     m.eval()
-    _, scores = evaluate_backend(be, metas, sampler, base_seed=cfg.eval.base_seed, seeds=1, batch=cfg.eval.batch_size)
+    _, scores = evaluate_backend(be, metas, sampler, base_seed=cfg.eval.base_seed, seeds=1, batch=cfg.eval.batch_size,
+                                 verifier=verifier_of("toy"))
     policy.train()
     tab = kind_table({k: scores[k] for k in ("strict", "partial", "quality")}, [m["tag"] for m in metas])
     res = {k: tab[k]["overall"] for k in tab}

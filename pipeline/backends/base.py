@@ -5,19 +5,22 @@ A backend is anything with these methods (a Protocol, not a base class). Stage o
 conditioning, so the training job never loads a text encoder or a VAE.
 
 One registry entry per backend (`BackendSpec`) says everything the two stages need to know about it: how to
-load the whole model (stage one, eval), which diffusers class its denoiser is (stage two loads only that), its
-velocity function, the latent shape read from config files, and how it takes guidance. The velocity function
-is the one code path for both stages: the backends' own `velocity` calls it on their transformer, and stage
+load the whole model (stage one, eval), which diffusers class its denoiser is (stage two loads only that), the
+latent shape read from config files, how it takes guidance, and its verifier for evaluation if it has one. Each
+backend file (`toy.py`, `sd3.py`, `flux.py`) registers its spec and the velocity function of each denoiser class
+it brings; this module imports them by name on the first look-up. The velocity function is the one code path
+for both stages: the backends' own `velocity` calls it on their transformer, and stage
 two calls it on the model being trained (`velocity_fn`), so "policy error at step 0 == cached reference error"
 holds for every backend by construction.
 """
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -26,17 +29,25 @@ from ..errors import GdroError
 
 __all__ = [
     "BACKENDS",
+    "BUILTIN",
+    "DENOISERS",
     "BackendSpec",
     "Conditioning",
-    "GdroError",
     "ModelBackend",
     "backend_from_config",
     "dataset_velocity",
+    "denoiser_class",
     "latent_shape_of",
     "load_backend",
     "load_transformer",
+    "read_model_config",
     "register_backend",
+    "register_denoiser",
+    "spec_of",
+    "timesteps",
     "transformer_velocity",
+    "unwrap",
+    "vae_latent_shape",
     "velocity_fn",
 ]
 
@@ -78,91 +89,42 @@ class ModelBackend(Protocol):
 
 
 # ------------------------------------------------------------------------------------- velocity functions
-def _inner(module):
+def unwrap(module):
     """The diffusers model inside a DeepSpeed engine (`.module`); peft adapters live inside the model itself."""
     return getattr(module, "module", module)
 
 
-def _timesteps(t: torch.Tensor, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def timesteps(t: torch.Tensor, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """t on x's device in `dtype` (default x's), one per sample of x."""
     t = t.to(device=x.device, dtype=dtype or x.dtype)
     return t.expand(x.shape[0]) if t.numel() == 1 else t
 
 
-def _timesteps_1000(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """1000 t in float32, as diffusers' SD3 pipeline feeds them: a bf16 t rounds 1000 t by up to ~2."""
-    return _timesteps(t, x, torch.float32) * 1000.0
+# The velocity of each denoiser class: the one code path both stages take for a model of that class. Each
+# backend file registers the velocity of the classes it brings (`register_denoiser`).
+DENOISERS: dict[str, Callable[..., torch.Tensor]] = {}
 
 
-def sd3_velocity(module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, *,
-                 guidance: float | None = None) -> torch.Tensor:
-    """v(x_t, t, c) of an SD3-family transformer (or a DeepSpeed engine wrapping one); t in [0, 1], t = 1 noise.
-    diffusers' SD3 transformer takes timesteps in [0, 1000]. No guidance input: SD3 guides by CFG at sampling."""
-    return module(hidden_states=x, timestep=_timesteps_1000(t, x), encoder_hidden_states=cond.prompt_embeds,
-                  pooled_projections=cond.pooled_embeds, return_dict=False)[0]
-
-
-def pack_latents(x: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] -> FLUX's [B, (H/2)(W/2), 4C] sequence of 2x2 patches (diffusers' `_pack_latents`)."""
-    b, c, h, w = x.shape
-    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(seq: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    b, _, d = seq.shape
-    return seq.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
-
-
-def flux_velocity(module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, *,
-                  guidance: float | None = None) -> torch.Tensor:
-    """v(x_t, t, c) of a FLUX transformer on unpacked latents [B, C, H, W] (as stored): packs 2x2 patches, builds
-    the image/text position ids, passes the distilled guidance as the model's guidance embedding (FLUX.1-dev; a
-    model without one, like FLUX.1-schnell, takes none) and unpacks the result. FLUX takes t in [0, 1]."""
-    b, _, h, w = x.shape
-    ids = torch.zeros(h // 2, w // 2, 3, device=x.device, dtype=x.dtype)
-    ids[..., 1] += torch.arange(h // 2, device=x.device, dtype=x.dtype)[:, None]
-    ids[..., 2] += torch.arange(w // 2, device=x.device, dtype=x.dtype)[None, :]
-    txt_ids = torch.zeros(cond.prompt_embeds.shape[1], 3, device=x.device, dtype=x.dtype)
-    g = None
-    if _inner(module).config.guidance_embeds:
-        if guidance is None:
-            raise GdroError("this FLUX model is guidance-distilled: it needs sampler.guidance (e.g. 3.5 for "
-                            "FLUX.1-dev) as its guidance input")
-        g = torch.full((b,), float(guidance), device=x.device, dtype=torch.float32)
-    out = module(hidden_states=pack_latents(x), timestep=_timesteps(t, x), guidance=g,
-                 encoder_hidden_states=cond.prompt_embeds, pooled_projections=cond.pooled_embeds,
-                 img_ids=ids.reshape(-1, 3), txt_ids=txt_ids, return_dict=False)[0]
-    return unpack_latents(out, h, w)
-
-
-def unet_velocity(module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, *,
-                  guidance: float | None = None) -> torch.Tensor:
-    """v(x_t, t, c) of a `UNet2DConditionModel` (the toy world's convolutional denoiser): token states go to its
-    cross-attention, the pooled vector to its class-embedding projection (added to the timestep embedding, as
-    SD3's pooled projection is). Timesteps in [0, 1000] as SD3's. No guidance input: CFG at sampling."""
-    return module(x, _timesteps(t, x) * 1000.0, encoder_hidden_states=cond.prompt_embeds,
-                  class_labels=cond.pooled_embeds, return_dict=False)[0]
-
-
-# The velocity of each denoiser class: the one code path both stages take for a model of that class.
-DENOISERS: dict[str, Callable[..., torch.Tensor]] = {
-    "SD3Transformer2DModel": sd3_velocity,
-    "FluxTransformer2DModel": flux_velocity,
-    "UNet2DConditionModel": unet_velocity,
-}
+def register_denoiser(cls: str, velocity: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """`velocity(module, x, t, cond, *, guidance=None)` is v(x_t, t, c) of a diffusers `cls` model (or a DeepSpeed
+    engine wrapping one), t in [0, 1] with t = 1 noise."""
+    DENOISERS[cls] = velocity
+    return velocity
 
 
 def transformer_velocity(module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, *,
                          guidance: float | None = None) -> torch.Tensor:
     """v(x_t, t, c) of any registered denoiser, chosen by its diffusers class (the one a DeepSpeed engine wraps):
     the SD3 family, FLUX or the toy UNet. `guidance` is for guidance-embedded models only."""
-    name = type(_inner(module)).__name__
+    _load_builtins()
+    name = type(unwrap(module)).__name__
     if name not in DENOISERS:
         raise GdroError(f"no registered backend uses a {name}; known: {', '.join(sorted(DENOISERS))}")
     return DENOISERS[name](module, x, t, cond, guidance=guidance)
 
 
 # ------------------------------------------------------------------------------------------ the registry
-def _read_config(path: str | Path, sub: str, key: str = "model.path") -> dict:
+def read_model_config(path: str | Path, sub: str, key: str = "model.path") -> dict:
     f = Path(path) / sub / "config.json"
     if not f.is_file():
         raise GdroError(f"{key}: {Path(path)} has no {sub}/config.json; point {key} at a local diffusers model "
@@ -174,36 +136,13 @@ def _read_config(path: str | Path, sub: str, key: str = "model.path") -> dict:
 def vae_latent_shape(path: str | Path, resolution: int, *, patch: int, default_latent_side: int,
                      key: str = "model.path") -> tuple[int, int, int]:
     """(C, H/f, W/f) of a square image of `resolution` px (0: the model's default) from vae/config.json."""
-    vae = _read_config(path, "vae", key)
+    vae = read_model_config(path, "vae", key)
     f = 2 ** (len(vae["block_out_channels"]) - 1)
     res = resolution or default_latent_side * f
     if res % (f * patch):
         raise GdroError(f"model.resolution={res} must be a multiple of {f * patch} for this model (VAE factor {f} "
                         f"x patch {patch})")
     return (int(vae["latent_channels"]), res // f, res // f)
-
-
-def _toy_latent_shape(path: str, resolution: int) -> tuple[int, int, int]:
-    from .toy import ToyBackend
-
-    if resolution not in (0, ToyBackend.latent_shape[-1]):
-        raise GdroError(f"model.resolution={resolution}: the toy model draws {ToyBackend.latent_shape[-1]} px "
-                        f"images only (use 0)")
-    return ToyBackend.latent_shape
-
-
-def _sd3_latent_shape(path: str, resolution: int) -> tuple[int, int, int]:
-    tr = _read_config(path, "transformer")
-    shape = vae_latent_shape(path, resolution, patch=tr["patch_size"], default_latent_side=tr["sample_size"])
-    if shape[1] // tr["patch_size"] > tr.get("pos_embed_max_size", 10**9):
-        raise GdroError(f"model.resolution: {shape[1]} latent pixels exceed the transformer's pos_embed_max_size "
-                        f"({tr['pos_embed_max_size']} patches of {tr['patch_size']})")
-    return shape
-
-
-def _flux_latent_shape(path: str, resolution: int) -> tuple[int, int, int]:
-    _read_config(path, "transformer")
-    return vae_latent_shape(path, resolution, patch=2, default_latent_side=128)  # FluxPipeline.default_sample_size
 
 
 @dataclass(frozen=True)
@@ -215,49 +154,34 @@ class BackendSpec:
     latent_shape: Callable[[str, int], tuple[int, int, int]]  # (path, resolution) from configs, no weights
     guidance_mode: str  # "cfg" (classifier-free at sampling) | "embedded" (a model input, guidance-distilled)
     lora_pipeline: str  # the diffusers pipeline class whose LoRA format the export writes (see lora_format)
-
-
-def _load_toy(path: str, **kw) -> ModelBackend:
-    from .toy import ToyBackend
-
-    _toy_latent_shape(path, kw.pop("resolution", 0))
-    for unused in ("max_sequence_length", "guidance"):  # the toy encoder has a fixed length; it guides by CFG
-        kw.pop(unused, None)
-    if kw.get("device") is None:
-        kw.pop("device", None)
-    return ToyBackend.from_pretrained(path, **kw)
-
-
-def _load_sd3(path: str, **kw) -> ModelBackend:
-    from .sd3 import SD3Backend
-
-    return SD3Backend.from_pretrained(path, **kw)
-
-
-def _load_flux(path: str, **kw) -> ModelBackend:
-    from .flux import FluxBackend
-
-    return FluxBackend.from_pretrained(path, **kw)
+    verifier: Callable[[], Any] | None = None  # () -> the backend's own judge of its images for evaluation
+    # (`pipeline.eval.fixed_noise.Verifier`: scores besides the rewards, grid frames); None for real models
 
 
 BACKENDS: dict[str, BackendSpec] = {}
 
 
-def register_backend(spec: BackendSpec) -> BackendSpec:
+def register_backend(spec: BackendSpec,
+                     velocities: dict[str, Callable[..., torch.Tensor]] | None = None) -> BackendSpec:
+    """Register a backend and the velocity functions of the denoiser classes it brings (`register_denoiser`)."""
     BACKENDS[spec.name] = spec
+    for cls, fn in (velocities or {}).items():
+        register_denoiser(cls, fn)
     return spec
 
 
-# The toy world's shipped base is a UNet; tiny SD3-transformer toy models keep the SD3 code path under test.
-register_backend(BackendSpec("toy", _load_toy, ("UNet2DConditionModel", "SD3Transformer2DModel"),
-                             _toy_latent_shape, "cfg", "StableDiffusion3Pipeline"))
-register_backend(BackendSpec("sd3", _load_sd3, ("SD3Transformer2DModel",), _sd3_latent_shape,
-                             "cfg", "StableDiffusion3Pipeline"))
-register_backend(BackendSpec("flux", _load_flux, ("FluxTransformer2DModel",), _flux_latent_shape,
-                             "embedded", "FluxPipeline"))
+# The built-in backends, one module each (in this package): each registers its spec and its denoisers' velocity
+# when imported. They are imported by name on the first look-up, so this registry imports none of them.
+BUILTIN = ("toy", "sd3", "flux")
+
+
+def _load_builtins() -> None:
+    for name in BUILTIN:
+        importlib.import_module(f"{__package__}.{name}")
 
 
 def spec_of(name: str) -> BackendSpec:
+    _load_builtins()
     if name not in BACKENDS:
         raise GdroError(f"model.backend: unknown backend {name!r}; known: {', '.join(sorted(BACKENDS))}")
     return BACKENDS[name]
@@ -329,7 +253,7 @@ def _float32_buffers(model: torch.nn.Module, folder: Path) -> None:
 def denoiser_class(name: str, path: str) -> str:
     """The diffusers class of <path>/transformer (its config's `_class_name`), checked against the backend's."""
     spec = spec_of(name)
-    cls = _read_config(path, "transformer").get("_class_name", spec.denoisers[0])
+    cls = read_model_config(path, "transformer").get("_class_name", spec.denoisers[0])
     if cls not in spec.denoisers:
         raise GdroError(f"model.path: {Path(path) / 'transformer'} holds a {cls}; the {name!r} backend takes "
                         f"{' or '.join(spec.denoisers)}")
@@ -343,7 +267,7 @@ def velocity_fn(name: str, *, guidance: float | None = None) -> Callable[..., to
     g = guidance if spec.guidance_mode == "embedded" else None
 
     def v(module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        cls = type(_inner(module)).__name__
+        cls = type(unwrap(module)).__name__
         if cls not in spec.denoisers:
             raise GdroError(f"the {name!r} backend takes {' or '.join(spec.denoisers)}, not a {cls}")
         return DENOISERS[cls](module, x, t, cond, guidance=g)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import GdroError
-from .base import BACKENDS, Conditioning, transformer_velocity
+from .base import Conditioning, spec_of, transformer_velocity
 
 DECODE_BATCH = 8  # images per VAE decode call (a shard's latents are decoded in pieces)
 
@@ -54,7 +54,7 @@ class LatentBackend:
         self.latent_shape = tuple(latent_shape)
         self.device, self.dtype = device, dtype
         self.max_sequence_length = max_sequence_length
-        spec = BACKENDS[self.name]
+        spec = spec_of(self.name)
         self.guidance_mode = spec.guidance_mode
         self.guidance = float(guidance)
         self._velocity = transformer_velocity  # the registry's velocity of the transformer's class
@@ -69,7 +69,7 @@ class LatentBackend:
         import diffusers
 
         root = check_model_folder(path, cls.pipeline_class, key)
-        shape = BACKENDS[cls.name].latent_shape(str(root), resolution)
+        shape = spec_of(cls.name).latent_shape(str(root), resolution)
         try:
             # the VAE stays in float32: decoding costs little and fp16 VAEs overflow
             pipe = getattr(diffusers, cls.pipeline_class).from_pretrained(

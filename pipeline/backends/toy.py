@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import GdroError
 from ..toy.prompts import NUMBERS, RELATIONS
 from ..toy.world import COLORS, PLURALS, SHAPES, SIZE, from_unit
-from .base import Conditioning, transformer_velocity
+from .base import BackendSpec, Conditioning, register_backend, timesteps, transformer_velocity
 
 PAD, UNK = "<pad>", "<unk>"
 
@@ -175,3 +175,43 @@ class ToyBackend:
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         return from_unit(latents.detach().float().cpu().numpy())
+
+
+# ------------------------------------------------------------------------------------------ registration
+def unet_velocity(module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, *,
+                  guidance: float | None = None) -> torch.Tensor:
+    """v(x_t, t, c) of a `UNet2DConditionModel` (the toy world's convolutional denoiser): token states go to its
+    cross-attention, the pooled vector to its class-embedding projection (added to the timestep embedding, as
+    SD3's pooled projection is). Timesteps in [0, 1000] as SD3's. No guidance input: CFG at sampling."""
+    return module(x, timesteps(t, x) * 1000.0, encoder_hidden_states=cond.prompt_embeds,
+                  class_labels=cond.pooled_embeds, return_dict=False)[0]
+
+
+def toy_latent_shape(path: str, resolution: int) -> tuple[int, int, int]:
+    if resolution not in (0, ToyBackend.latent_shape[-1]):
+        raise GdroError(f"model.resolution={resolution}: the toy model draws {ToyBackend.latent_shape[-1]} px "
+                        f"images only (use 0)")
+    return ToyBackend.latent_shape
+
+
+def load_toy(path: str, **kw) -> ToyBackend:
+    toy_latent_shape(path, kw.pop("resolution", 0))
+    for unused in ("max_sequence_length", "guidance"):  # the toy encoder has a fixed length; it guides by CFG
+        kw.pop(unused, None)
+    if kw.get("device") is None:
+        kw.pop("device", None)
+    return ToyBackend.from_pretrained(path, **kw)
+
+
+def toy_verifier():
+    """The toy world's verifier as `gdro eval` and selection use it (GenEval rules on the rendered scene)."""
+    from ..toy.plugins import ToyVerifier
+
+    return ToyVerifier()
+
+
+# The toy world's shipped base is a UNet; tiny SD3-transformer toy models keep the SD3 code path under test (its
+# velocity is the sd3 backend's).
+register_backend(BackendSpec("toy", load_toy, ("UNet2DConditionModel", "SD3Transformer2DModel"), toy_latent_shape,
+                             "cfg", "StableDiffusion3Pipeline", verifier=toy_verifier),
+                 {"UNet2DConditionModel": unet_velocity})

@@ -7,8 +7,9 @@ Register a new reward with `@register_reward("name", version="1")`: one function
 model (the OCR engine actually used and its version, say). Every reward's parameters are set under
 `rollouts.rewards.<name>` and named `rollouts.rewards.<name>.<param>` in its errors.
 
-The registered rewards: `toy_*` (below), `ocr` (`ocr.py`), `clip_score`, `aesthetic`, `pickscore` (`clip.py`),
-`geneval` (`geneval.py`).
+The registered rewards: `ocr` (`ocr.py`), `clip_score`, `aesthetic`, `pickscore` (`clip.py`),
+`geneval` (`geneval.py`), and
+the toy world's `toy_geneval`, `toy_strict`, `toy_quality`, `toy_color_area` (`pipeline/toy/plugins.py`).
 """
 from __future__ import annotations
 
@@ -101,61 +102,10 @@ def _resolve(name: str):
                     f"or module:function for your own scorer")
 
 
-# ----------------------------------------------------------------------------------------------- toy world
-@register_reward("toy_geneval", version="1")
-def toy_geneval():
-    """GenEval rules on the toy world: score = partial credit; info['strict'] = GenEval's all-correct."""
-    from ..toy.verifier import verify
-
-    def fn(images, prompts, metadata):
-        verdicts = [verify(img, meta)[0] for img, meta in zip(images, metadata)]
-        return (np.array([v.partial for v in verdicts]),
-                {"strict": np.array([float(v.strict) for v in verdicts])})
-
-    return fn
-
-
-@register_reward("toy_strict", version="1")
-def toy_strict():
-    """GenEval's strict all-correct (0/1) on the toy world."""
-    from ..toy.verifier import verify
-
-    def fn(images, prompts, metadata):
-        return np.array([float(verify(img, meta)[0].strict) for img, meta in zip(images, metadata)]), {}
-
-    return fn
-
-
-@register_reward("toy_quality", version="1")
-def toy_quality():
-    """Out-of-domain image quality of toy scenes (shape fidelity x colour purity); never looks at the prompt."""
-    from ..toy.verifier import parse
-
-    def fn(images, prompts, metadata):
-        return np.array([parse(img).quality for img in images]), {}
-
-    return fn
-
-
-@register_reward("toy_color_area", version="1")
-def toy_color_area():
-    """DELIBERATELY EXPLOITABLE, for the reward-hacking demonstration (`make hack-demo`, docs/evaluation.md):
-    the share of pixels whose nearest palette colour is one the prompt names (any palette colour if it names
-    none). A model pleases it by painting larger blobs of the right colours, whatever their shape or number."""
-    from ..toy.verifier import _COLOR_NAMES, _COLOR_RGB
-
-    def fn(images, prompts, metadata):
-        rgb = np.asarray(images, np.float32)
-        label = np.linalg.norm(rgb[..., None, :] - _COLOR_RGB, axis=-1).argmin(-1)  # [N, H, W]; 0 = background
-        out = []
-        for lab, meta in zip(label, metadata):
-            named = {o["color"] for o in (meta or {}).get("include", []) if o.get("color")}
-            ids = [i for i, c in enumerate(_COLOR_NAMES) if c in named] if named else range(1, len(_COLOR_NAMES))
-            out.append(float(np.isin(lab, list(ids)).mean()))
-        return np.array(out), {}
-
-    return fn
-
-
-# the other registered rewards: their modules import nothing heavy at the top
+# The built-in rewards, registered when their modules are imported (nothing heavy at their top): ours here, and
+# the toy world's (`toy_*`), a plug-in named by its module so that this registry does not import the toy world.
 from . import clip, geneval, ocr  # noqa: F401
+
+PLUGINS = ("pipeline.toy.plugins",)
+for _plugin in PLUGINS:
+    importlib.import_module(_plugin)

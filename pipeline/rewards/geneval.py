@@ -1,7 +1,7 @@
 """The `geneval` reward: GenEval's rules on the output of an object detector you plug in.
 
 GenEval (Ghosh et al. 2023) scores an image against its metadata line (`{"tag", "include": [{"class", "count",
-"color"?, "position"?: [relation, group index]}], "exclude"?}`, the format `pipeline.prompts` reads) with a
+"color"?, "position"?: [relation, group index]}], "exclude"?}`, the format `pipeline.prompt_files` reads) with a
 Mask2Former detector trained on COCO and a CLIP colour classifier. No such detector installs from a package
 registry (its weights come from the GenEval/mmdetection sites), so gdro ships the rules, not a detector:
 

@@ -1,7 +1,7 @@
 """The `ocr` reward: Flow-GRPO's visual-text-rendering score on an offline OCR engine.
 
 The rule (Flow-GRPO's `OcrScorer`, `flow_grpo/ocr.py`): the target is the text inside the prompt's first pair of
-double quotes (or `metadata["ocr_target"]`, which `pipeline.prompts` fills the same way), lower-cased with every
+double quotes (or `metadata["ocr_target"]`, which `pipeline.prompt_files` fills the same way), lower-cased with every
 space removed; the recognised text is every box's text joined in the engine's reading order, lower-cased, spaces
 removed. If the target is a substring of it the score is 1.0, else 1 - min(d, n) / n with d the Levenshtein
 distance between the recognised text and the target and n the target's length. An image with no text scores

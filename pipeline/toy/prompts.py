@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..eval.tables import GENEVAL_KINDS
 from .world import COLORS, GAP, PLURALS, RADIUS_RANGE, SHAPES, SIZE, Obj, extent
 
-KINDS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+KINDS = GENEVAL_KINDS  # the toy world draws all of GenEval's kinds
 NUMBERS = {2: "two", 3: "three", 4: "four"}
 RELATIONS = ("left of", "right of", "above", "below")
 SPLIT_SEED = 20260101

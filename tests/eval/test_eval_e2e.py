@@ -120,7 +120,7 @@ def test_eval_of_one_folder(runs):
 
 
 def test_decide_by_hand():
-    from pipeline.selection import decide
+    from pipeline.eval.selection import decide
 
     h = [{"corrected": v} for v in (0.0, 0.1, 0.05)]
     assert decide(h[:1], 1) == (True, False)  # the first evaluation is the best so far
@@ -138,7 +138,7 @@ def test_selection_during_training_keeps_the_best_and_stops(runs):
     from safetensors.torch import load_file
 
     from pipeline.checkpoints import deepspeed_state_dict
-    from pipeline.selection import decide
+    from pipeline.eval.selection import decide
     from stages.evaluate import main as evaluate
 
     run = runs["select"]

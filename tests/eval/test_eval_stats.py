@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.eval_stats import (
+from pipeline.eval.stats import (
     CorrectedConfig,
     bootstrap_indices,
     corrected_scores,
@@ -123,7 +123,7 @@ def _synthetic_run(target_step: float, quality_drop: list[float], lines_per_kind
     """A reference and checkpoints at 100..400 on 6 kinds x `lines_per_kind` lines, one image each: the
     target rises by `target_step` per checkpoint, quality falls by quality_drop[k] (of a reference 0.5), both
     with per-image noise; strict (0/1) falls with quality. The models `summarise` takes."""
-    from pipeline.toy.scoring import KINDS
+    from pipeline.eval.tables import GENEVAL_KINDS as KINDS
 
     rng = np.random.default_rng(seed)
     kinds = [k for k in KINDS for _ in range(lines_per_kind)]
@@ -144,7 +144,7 @@ def test_summarise_calls_a_rising_target_with_a_falling_quality_reward_hacking()
     score peaks early and turns down (significantly below its peak at the end), the best model is the early one.
     The control: the same target gains with quality unchanged -> 'improvement', corrected = gain."""
     from pipeline.config import EvalConfig
-    from pipeline.report import summarise
+    from pipeline.eval.report import summarise
 
     e = EvalConfig(target="toy_color_area", rewards=["toy_color_area"], out_of_domain=["quality", "strict"],
                    bootstrap=300)

@@ -120,7 +120,8 @@ def test_flux_sampler_follows_flux_pipeline(tiny, shift):
     """The timesteps FLUX's transformer receives and the final latents of gdro's sampler equal FluxPipeline's
     (sigmas linspace(1, 1/N, N) shifted by exp(mu), mu from the token count): with sampler.shift = 0 (the
     model's own shift) and with sampler.shift = exp(mu) computed here from FLUX.1's scheduler constants."""
-    from pipeline.backends.base import load_backend, pack_latents, unpack_latents
+    from pipeline.backends.base import load_backend
+    from pipeline.backends.flux import pack_latents, unpack_latents
     from pipeline.sampling import SamplerConfig, sample
     from schemas.seeds import noise_for
 

@@ -103,7 +103,7 @@ def test_the_detector_must_be_plugged_in():
 def test_the_toy_parser_as_plug_in_agrees_with_the_toy_verifier():
     """Same rules, same verdicts: true renders, renders of other prompts' scenes, and noise, on every kind but
     `position` (the toy verifier compares centres, GenEval's rule compares boxes)."""
-    from pipeline.prompts import load_prompts
+    from pipeline.prompt_files import load_prompts
     from pipeline.toy.prompts import sample_scene
     from pipeline.toy.world import render
 

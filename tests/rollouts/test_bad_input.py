@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import GdroError
-from pipeline.prompts import load_prompts
+from pipeline.prompt_files import load_prompts
 
 from .conftest import copy_dataset, make_cfg, run, shard_files
 

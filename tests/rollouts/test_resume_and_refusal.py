@@ -126,7 +126,7 @@ def test_an_interrupted_cleanup_never_leaves_a_stats_file_without_its_shard(smal
     removing a broken shard must not leave a stats file that says 'done' beside a missing tar."""
     from pathlib import Path
 
-    from pipeline.datasets import shard_is_complete
+    from pipeline.dataset_identity import shard_is_complete
 
     root = copy_dataset(small_dataset, tmp_path / "ds")
     sh = root / "shards"

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.prompts import load_prompts
+from pipeline.prompt_files import load_prompts
 from pipeline.toy.scoring import base_target_checks, true_render_scores
 
 REPO = Path(__file__).resolve().parents[2]

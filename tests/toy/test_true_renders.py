@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.eval.tables import format_table, kind_table
 from pipeline.toy.prompts import KINDS, all_prompts, sample_scene
-from pipeline.toy.scoring import format_table, kind_table, score_images
+from pipeline.toy.scoring import score_images
 from pipeline.toy.verifier import verify
 from pipeline.toy.world import render
 

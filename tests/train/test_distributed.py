@@ -73,7 +73,7 @@ def one_process(dataset, tiny_toy_model, tmp_path_factory):
 
 def test_ranks_hold_unequal_signal_counts(dataset):
     """The comparison below is only a test of the global normalisation if the ranks' signal counts differ."""
-    from pipeline.data import group_batches
+    from pipeline.train_data import group_batches
 
     weights_ = {REWARD: 1.0}
     per_rank = []

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.slow
 
 def _brightness(model_dir) -> float:
     from pipeline.backends.toy import ToyBackend
-    from pipeline.evaluation import sample_prompt_set
-    from pipeline.prompts import load_prompts
+    from pipeline.eval.fixed_noise import sample_prompt_set
+    from pipeline.prompt_files import load_prompts
     from pipeline.sampling import SamplerConfig
 
     metas = load_prompts(PROMPTS)[100:116]  # not the dataset's 16 prompts

@@ -28,7 +28,8 @@ PROMPTS = REPO / "prompts" / "toy_train.jsonl"
 REWARD = "gdro_e2e_reward:mean_pixel"
 G = 4
 METRIC_KEYS = {"step", "loss", "kl", "implicit_acc", "rho_mean", "abs_adv", "zero_spread", "invalid_groups",
-               "reward_mean", "grad_norm", "lr", "images_per_s", "t_mean", "step_s", "data_s"}
+               "reward_mean", "grad_norm", "lr", "images_per_s", "t_mean", "step_s", "data_s",
+               "step_cpu_s", "data_cpu_s"}
 REWARD_MODULE = '''
 import numpy as np
 
@@ -379,8 +380,8 @@ def test_bad_datasets_and_resume_flags_are_refused_before_training(datasets, tin
     import json
     import shutil
 
-    from pipeline.data import check_dataset
     from pipeline.errors import GdroError
+    from pipeline.train_data import check_dataset
 
     src = datasets["cached"]
     ds = tmp_path / "bad"

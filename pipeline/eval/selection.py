@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .eval_stats import CorrectedConfig, corrected_scores, overall
-from .model_folder import export_dtype, host_weights
-from .runs import BEST, SELECTION, lora_scale, save_best, trim_jsonl
+from ..model_folder import export_dtype, host_weights
+from ..runs import BEST, SELECTION, lora_scale, save_best, trim_jsonl
+from .stats import CorrectedConfig, corrected_scores, overall
 
 
 def decide(history: list[dict], patience: int) -> tuple[bool, bool]:
@@ -38,14 +38,15 @@ class Selector:
         self.history: list[dict] = []
         if rank != 0:
             return
-        from .backends.base import backend_from_config
-        from .evaluation import eval_rewards
-        from .prompts import load_prompts
+        from ..backends.base import backend_from_config
+        from ..prompt_files import load_prompts
+        from .fixed_noise import eval_rewards, verifier_of
 
         e, t = cfg.eval, cfg.train
         self.metas = load_prompts(e.prompts)[: t.eval_num_prompts]
         self.kinds = [m["tag"] for m in self.metas]
         self.rewards = eval_rewards(cfg)
+        self.verifier = verifier_of(cfg.model.backend)
         self.backend = backend_from_config(cfg)  # its transformer takes each policy's weights
         self.ref = self._score()
         log = self.out / SELECTION
@@ -57,11 +58,11 @@ class Selector:
             self._write(self.history[0])
 
     def _score(self) -> dict[str, float]:
-        from .evaluation import evaluate_backend
+        from .fixed_noise import evaluate_backend
 
         e = self.cfg.eval
         _, scores = evaluate_backend(self.backend, self.metas, self.cfg.sampler, base_seed=e.base_seed, seeds=1,
-                                     batch=e.batch_size, rewards=self.rewards, toy=self.cfg.model.backend == "toy")
+                                     batch=e.batch_size, rewards=self.rewards, verifier=self.verifier)
         return {k: float(overall(v, self.kinds)) for k, v in scores.items()}
 
     def _write(self, record: dict) -> None:

@@ -1,6 +1,6 @@
 """`gdro eval`'s report: the summary of every evaluated model (overall scores with bootstrap intervals, per-kind
 tables, win rates on the same noise, corrected score, hacking trend), the curves over training steps, and a
-Markdown + HTML page linking them and the grids. The formulas live in `pipeline/eval_stats.py`."""
+Markdown + HTML page linking them and the grids. The formulas live in `pipeline/eval/stats.py`."""
 from __future__ import annotations
 
 import html
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .eval_stats import (
+from .stats import (
     CorrectedConfig,
     bootstrap_indices,
     corrected_scores,
@@ -20,7 +20,7 @@ from .eval_stats import (
     resampled_overall,
     win_scores,
 )
-from .toy.scoring import kind_table
+from .tables import kind_table
 
 FORMULA = ("corrected = (T - T_ref) - lambda * (loss + h * max(0, -slope)); loss = mean over out-of-domain "
            "scores O of max(0, 1 - O / O_ref); slope = least-squares slope of O / O_ref over the last `window` "
@@ -180,7 +180,7 @@ def _band(ax, x, ests, label, style):
 
 
 def plot_selection(records: list[dict], path: Path, target: str, ood: list[str]) -> Path | None:
-    """The evaluations `gdro train` made every train.eval_every steps (pipeline/selection.py)."""
+    """The evaluations `gdro train` made every train.eval_every steps (pipeline/eval/selection.py)."""
     if not records:
         return None
     import matplotlib
