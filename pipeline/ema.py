@@ -44,3 +44,10 @@ def averaged(state: dict[str, torch.Tensor], shadow: dict[str, torch.Tensor]) ->
     """`state` with the averages of `shadow` (a WeightEMA's, or as a checkpoint stores it) in place of its
     trained entries, each in the entry's dtype; buffers and frozen weights as they are."""
     return {k: (shadow[k].to(v.dtype) if k in shadow else v) for k, v in state.items()}
+
+
+@torch.no_grad()
+def update_module_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """e <- decay e + (1 - decay) w for a whole-module copy (the toy recipes keep one beside the model)."""
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm, 1.0 - decay)

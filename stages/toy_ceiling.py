@@ -22,6 +22,7 @@ from tqdm import tqdm
 from pipeline.backends.base import transformer_velocity
 from pipeline.backends.toy import ToyBackend
 from pipeline.config import ExperimentConfig, save_resolved, to_dict
+from pipeline.ema import update_module_ema
 from pipeline.errors import GdroError
 from pipeline.flow import flow_errors, sample_t
 from pipeline.prompt_files import load_prompts
@@ -61,9 +62,7 @@ def main(cfg: ExperimentConfig, *, out: Path, lr: float = 1e-4, seed: int = 0) -
         opt.step()
         sched.step()
         if ema is not None:
-            with torch.no_grad():
-                for pe, pp in zip(ema.parameters(), policy.parameters()):
-                    pe.lerp_(pp, 1.0 - t.ema_decay)
+            update_module_ema(ema, policy, t.ema_decay)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     wall = time.time() - t0
     final = ToyBackend((ema if ema is not None else policy).eval(), base.text_encoder)

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from pipeline.backends.base import Conditioning, transformer_velocity
 from pipeline.backends.toy import TextEncoderConfig, ToyBackend, ToyTextEncoder, build_transformer, build_unet
 from pipeline.config import ToyPretrainConfig, save_resolved, to_dict
+from pipeline.ema import update_module_ema
 from pipeline.errors import GdroError
 from pipeline.eval.fixed_noise import sample_prompt_set
 from pipeline.eval.tables import format_table, kind_table
@@ -54,12 +55,6 @@ def evaluate(backend: ToyBackend, metas: list[dict], sampler: SamplerConfig, *, 
     """Sample one image per prompt line (seeded by line index) and score it with the verifier."""
     images = sample_prompt_set(backend, metas, sampler, base_seed=seed, batch=batch)
     return {"images": images, "table": kind_table(score_images(images, metas), [m["tag"] for m in metas])}
-
-
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    with torch.no_grad():
-        for pe, pm in zip(ema.parameters(), model.parameters()):
-            pe.lerp_(pm, 1.0 - decay)
 
 
 def _denoiser(cfg: ToyPretrainConfig):
@@ -167,7 +162,7 @@ def main(cfg: ToyPretrainConfig) -> Path:
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        _ema_update(ema, model, cfg.ema_decay if step > cfg.warmup_steps else 0.0)
+        update_module_ema(ema, model, cfg.ema_decay if step > cfg.warmup_steps else 0.0)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         record = {"step": step, "loss": loss.item(), "grad_norm": float(gnorm), "elapsed_s": time.time() - t0}
         if step % cfg.eval_every == 0 or step == cfg.steps:
