@@ -28,20 +28,6 @@ def wide(tmp_path_factory):
     return build_model(tmp_path_factory.mktemp("export-memory-wide") / "sd3", "sd3", layers=4)
 
 
-@pytest.fixture
-def one_rank(tmp_path):
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        yield
-        return
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def lora_model(path, dtype):
     """The tiny transformer in `dtype` with a trained-looking adapter (B != 0), r = 4, alpha = 8."""
     from peft import LoraConfig
