@@ -36,9 +36,14 @@ def _gdro(args: list[str]) -> float:
     return time.time() - t0
 
 
+def _ood(res: dict) -> str:
+    """The out-of-domain score the table shows: the first that `gdro eval` lists (results.json holds a list)."""
+    return res["out_of_domain"][0]
+
+
 def _row(label: str, res: dict, wall: float | None, ceiling_gain: float | None) -> dict:
     m = res["models"][-1]
-    T, O = res["target"], res["out_of_domain"]
+    T, O = res["target"], _ood(res)
     ref = res["models"][0]
     row = {"variant": label, "target": m["overall"][T]["value"], "gain": m["gain"]["value"],
            "gain_ci": m["gain"].get("ci"), "ood": m["overall"][O]["value"],
@@ -85,7 +90,7 @@ def main(preset: str, overrides: list[str], variants: list[str], out: Path, ceil
     if ceiling_res:
         rows.append(_row("ceiling: true renders (outside the paradigm)", ceiling_res, None, ceiling_gain))
     res0 = json.loads((out / parse_variant(variants[0])[0] / "eval" / "results.json").read_text())
-    table = format_table(rows, res0["target"], res0["out_of_domain"])
+    table = format_table(rows, res0["target"], _ood(res0))
     text = (f"Reference {res0['target']} {rows[0]['reference']:.3f}; {res0['lines']} held-out prompt lines x "
             f"{res0['seeds']} seeds, paired bootstrap intervals.\n\n{table}\n")
     (out / "table.md").write_text(text)
