@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from schemas.codec import ShardError
+
 from .errors import GdroError
 
 CONFIG_OPTIONS = [
@@ -329,7 +331,7 @@ def toy_score(model, prompts, steps, guidance, limit, seed):
 def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="gdro", standalone_mode=False)
-    except GdroError as e:
+    except (GdroError, ShardError) as e:  # a user's mistake or a dataset breaking the contract: one line
         click.echo(f"gdro: error: {e}", err=True)
         return 2
     except click.exceptions.Abort:

@@ -75,7 +75,10 @@ def identity(cfg: ExperimentConfig, prompts: list[dict]) -> dict:
                             "noise_seed": "member_seed(base_seed, prompt_id, 0, 'ref_eps{k}'), shared by the group",
                             "error": "mean over C,H,W of (v_ref(x_t, t, c) - (eps - x0))^2, float32"},
         "image_format": r.image_format,
-        "latents_dtype": "float32",
+        "image_quality": r.image_quality,  # 0: lossless
+        "images_rescorable": r.image_quality == 0,  # lossless images score as the rewards saw them
+        "latents_dtype": r.latents_dtype,
+        "embeds_dtype": r.embeds_dtype,
     }
 
 

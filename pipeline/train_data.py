@@ -19,7 +19,7 @@ import torch
 
 from schemas import layout
 from schemas.codec import ShardError
-from schemas.manifest import decode_group, load_manifest
+from schemas.manifest import array_dtypes, decode_group, load_manifest
 
 from .errors import GdroError
 
@@ -41,11 +41,11 @@ def mixed_rewards(raw: dict[str, list], weights: dict[str, float], where: str) -
     return total, valid
 
 
-def _to_item(sample: dict, weights: dict[str, float]) -> dict:
+def _to_item(sample: dict, weights: dict[str, float], dtypes: dict[str, str]) -> dict:
     key = sample["__key__"]
     where = sample.get("__url__", "shard")
     raw = {k: v for k, v in sample.items() if not k.startswith("__") and not k.split(".")[-1] in layout.IMAGE_EXTS}
-    rec, arrays = decode_group(key, raw, where)
+    rec, arrays = decode_group(key, raw, where, dtypes)  # arrays as float32 whatever their storage dtype
     rewards, valid = mixed_rewards(rec.rewards, weights, f"{where}, key {key}")
     return {
         "key": key,
@@ -87,11 +87,18 @@ def shard_urls(root: Path) -> tuple[dict, list[str]]:
 
 
 def check_dataset(root: Path, weights: dict[str, float], *, verify: bool) -> dict:
-    """Refuse, before any training step, a dataset whose shards do not match their manifest checksums (when
-    `verify`), that lacks a reward the mix needs, or whose schema version is unknown."""
+    """Refuse, before any training step, a dataset whose schema version is unknown, whose tars hold a member
+    outside the schema or are damaged (the header scan, always: it decodes nothing), that lacks a reward the mix
+    needs, or whose shards do not match their manifest checksums (when `verify`)."""
     from schemas.manifest import checksum_problems
+    from schemas.scan import manifest_problem, scan_dataset
 
     manifest, _ = shard_urls(root)
+    if bad := manifest_problem(manifest):
+        raise GdroError(f"train.dataset {root}: {bad}")
+    if problems := scan_dataset(Path(root), manifest):
+        more = f" ({len(problems) - 1} more shard(s): `gdro verify {root}` lists them)" if len(problems) > 1 else ""
+        raise GdroError(f"train.dataset {root}: {problems[0]}{more}")
     stored = [r["name"] for r in manifest["rewards"]]
     missing = [n for n in weights if n not in stored]
     if missing:
@@ -124,8 +131,9 @@ class SequentialBatches:
     all N groups in key order (shards in index order; a shard's tar holds its keys in order); rank r takes
     j in [r*groups, (r+1)*groups). Every rank reads every shard but decodes only its own slice."""
 
-    def __init__(self, urls: list[str], *, groups: int, weights: dict[str, float], rank: int, world: int):
-        self.urls, self.groups, self.weights = urls, groups, weights
+    def __init__(self, urls: list[str], *, groups: int, weights: dict[str, float], rank: int, world: int,
+                 dtypes: dict[str, str]):
+        self.urls, self.groups, self.weights, self.dtypes = urls, groups, weights, dtypes
         self.rank, self.world = rank, world
 
     def __iter__(self):
@@ -144,7 +152,7 @@ class SequentialBatches:
             for j in range(self.groups * self.world):
                 url, key, raw = next(stream)
                 if lo <= j < hi:
-                    items.append(_to_item({"__key__": key, "__url__": url, **raw}, self.weights))
+                    items.append(_to_item({"__key__": key, "__url__": url, **raw}, self.weights, self.dtypes))
             yield collate_groups(items)
 
 
@@ -154,12 +162,13 @@ def group_batches(root: Path, *, groups: int, weights: dict[str, float], seed: i
     import webdataset as wds
 
     manifest, urls = shard_urls(root)
+    dtypes = array_dtypes(manifest)
     if order == "sequential":
         if not sum(int(sh["groups"]) for sh in manifest["shards"]):
             raise GdroError(f"train.dataset {root} holds no groups")
         by_index = sorted(zip(manifest["shards"], urls), key=lambda su: su[0]["name"])
         return manifest, SequentialBatches([u for _, u in by_index], groups=groups, weights=weights, rank=rank,
-                                           world=world)
+                                           world=world, dtypes=dtypes)
     assert order == "shuffled", order
     slots = world * max(1, workers)
     if len(urls) < slots:
@@ -175,7 +184,7 @@ def group_batches(root: Path, *, groups: int, weights: dict[str, float], seed: i
         wds.ResampledShards(urls, seed=run_seed, worker_seed=worker_seed, deterministic=True),
         _local_tar_samples,
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 16), seed=run_seed + rank),
-        wds.map(lambda s: _to_item(s, weights)),
+        wds.map(lambda s: _to_item(s, weights, dtypes)),
         wds.batched(groups, collation_fn=collate_groups, partial=False),
     )
     loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=workers,

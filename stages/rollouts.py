@@ -26,7 +26,7 @@ from pipeline.prompt_files import load_prompts
 from pipeline.rewards import Reward, make_reward
 from pipeline.sampling import sample, uses_cfg
 from schemas import layout
-from schemas.codec import image_bytes, json_bytes, npy_bytes
+from schemas.codec import image_bytes, json_bytes, npy_bytes, to_storage
 from schemas.manifest import assemble_manifest
 from schemas.records import GroupRecord, ShardStats, parquet_rows, parquet_schema, reward_mean, sha256_bytes
 from schemas.seeds import member_seed, noise_for
@@ -151,7 +151,8 @@ def generate_shard(index: int, p: Plan, backend, rewards: list[Reward], task_id:
     for gi, pid in enumerate(ids):
         key = layout.group_key(pid)
         sl = slice(gi * g, (gi + 1) * g)
-        pngs = [image_bytes(images[i], r.image_format) for i in range(sl.start, sl.stop)]
+        ext = layout.image_ext(r.image_format)
+        pngs = [image_bytes(images[i], ext, r.image_quality) for i in range(sl.start, sl.stop)]
         errs = ["; ".join(errors[i]) for i in range(sl.start, sl.stop)]
         rec = GroupRecord(
             key=key, prompt_id=pid, prompt=texts[gi], metadata=metas[gi], seeds=seeds[gi],
@@ -164,11 +165,13 @@ def generate_shard(index: int, p: Plan, backend, rewards: list[Reward], task_id:
         )
         records.append(rec)
         sample_ = {"__key__": key, layout.JSON_MEMBER: json_bytes(rec.to_json()),
-                   layout.LATENTS_MEMBER: npy_bytes(latents[sl].numpy().astype(np.float32)),
-                   layout.PROMPT_EMBEDS_MEMBER: npy_bytes(cond.prompt_embeds[gi].float().cpu().numpy()),
-                   layout.POOLED_EMBEDS_MEMBER: npy_bytes(cond.pooled_embeds[gi].float().cpu().numpy())}
+                   layout.LATENTS_MEMBER: npy_bytes(to_storage(latents[sl].numpy(), r.latents_dtype)),
+                   layout.PROMPT_EMBEDS_MEMBER: npy_bytes(to_storage(cond.prompt_embeds[gi].float().cpu().numpy(),
+                                                                     r.embeds_dtype)),
+                   layout.POOLED_EMBEDS_MEMBER: npy_bytes(to_storage(cond.pooled_embeds[gi].float().cpu().numpy(),
+                                                                     r.embeds_dtype))}
         for m, data in enumerate(pngs):
-            sample_[layout.image_member(m, r.image_format)] = data
+            sample_[layout.image_member(m, ext)] = data
         samples.append(sample_)
     return _write_shard(index, p, records, samples, task_id, t0, timings, mark)
 
