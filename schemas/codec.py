@@ -41,7 +41,12 @@ def to_storage(arr: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "float32":
         return arr
     if dtype == "float16":
-        return arr.astype(np.float16)
+        with np.errstate(over="ignore"):
+            half = arr.astype(np.float16)
+        if np.isinf(half).sum() != np.isinf(arr).sum():  # never store a finite value as inf
+            raise ValueError(f"a value of magnitude {np.abs(arr[np.isfinite(arr)]).max():.4g} exceeds float16's "
+                             f"range (65504): store this array as bfloat16 or float32")
+        return half
     if dtype == "bfloat16":
         bits = arr.view(np.uint32)
         rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
