@@ -143,6 +143,20 @@ def inspect(dataset, sheet, n_groups):
 
 
 @cli.command()
+@click.argument("dataset")
+@click.option("--reward", "reward", required=True, metavar="NAME[=PARAMS]",
+              help="The reward to add, with its parameters as a YAML mapping, e.g. 'pickscore={path: models/ps}'.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The new revision's folder.")
+def rescore(dataset, reward, out):
+    """Add a reward to a dataset from its stored images, into a new revision (OUT): new group JSON and Parquet
+    column, the other members copied byte for byte, a manifest recording the lineage (parent manifest sha256,
+    reward and engine version). The parent is only read. Resumable per shard: rerun the same command."""
+    from stages.rescore import main as run
+
+    click.echo(f"OK {run(Path(dataset), reward, Path(out))}")
+
+
+@cli.command()
 @click.argument("folder", type=click.Path(file_okay=False))
 def status(folder):
     """Progress of a dataset being generated, or of a run submitted with `gdro submit`.

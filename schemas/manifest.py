@@ -55,10 +55,9 @@ def dataset_card(m: dict) -> str:
         first_reward = f'"{first_reward}"'
     bf16 = ("\nbfloat16 arrays are `.npy` uint16 of the bit patterns: `torch.from_numpy(a.view('int16'))"
             ".view(torch.bfloat16)`." if "bfloat16" in (m["latents_dtype"], m["embeds_dtype"]) else "")
-    lin = m.get("lineage")
-    lineage = (f"| lineage | rescored from manifest sha256 `{lin['parent_manifest_sha256'][:16]}...` "
-               f"(`{lin['parent']}`), reward added: `{lin['reward_added']}`, by {lin['code_version']} |\n"
-               if lin else "")
+    lineage = "".join(f"| rescored | from manifest sha256 `{st['parent_manifest_sha256'][:16]}...` (`{st['parent']}`), "
+                      f"added `{st['reward_added']['name']}` v{st['reward_added']['version']}, by "
+                      f"{st['code_version']} |\n" for st in m.get("lineage", []))
     return f"""---
 pretty_name: gdro group rollouts ({g['backend']})
 task_categories: [text-to-image]

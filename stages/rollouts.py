@@ -7,7 +7,6 @@ one shard of work per task, and the bytes never depend on how many tasks ran or 
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +24,12 @@ from pipeline.flow import flow_errors, sample_t
 from pipeline.prompt_files import load_prompts
 from pipeline.rewards import Reward, make_reward
 from pipeline.sampling import sample, uses_cfg
+from pipeline.shard_writer import write_shard
 from schemas import layout
 from schemas.codec import image_bytes, json_bytes, npy_bytes, to_storage
 from schemas.manifest import assemble_manifest
-from schemas.records import GroupRecord, ShardStats, parquet_rows, parquet_schema, reward_mean, sha256_bytes
+from schemas.records import GroupRecord, ShardStats, sha256_bytes
 from schemas.seeds import member_seed, noise_for
-
-TAR_MTIME = 0  # fixed member mtime: the same config gives byte-identical tars
 
 
 @dataclass
@@ -178,36 +176,8 @@ def generate_shard(index: int, p: Plan, backend, rewards: list[Reward], task_id:
 
 def _write_shard(index: int, p: Plan, records, samples, task_id: int, t0: float, timings: dict,
                  mark: float) -> ShardStats:
-    import io
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import webdataset as wds
-
-    paths = layout.shard_paths(p.root, index)
-    buf = io.BytesIO()
-    with wds.TarWriter(buf, encoder=False, mtime=TAR_MTIME) as sink:
-        for s in samples:
-            sink.write(s)
-    tar_data = buf.getvalue()
-    names = list(p.cfg.rollouts.rewards)
-    table = pa.table(parquet_rows(records, names), schema=parquet_schema(names))
-    pbuf = pa.BufferOutputStream()
-    pq.write_table(table, pbuf, compression="zstd")
-    parquet_data = pbuf.getvalue().to_pybytes()
-    layout.atomic_write(paths["tar"], tar_data)
-    layout.atomic_write(paths["parquet"], parquet_data)
-    failed = sum(st != "ok" for rec in records for st in rec.status)
-    timings["writing"] = time.time() - mark  # encoding the images and groups, tar, parquet
-    stats = ShardStats(
-        shard=layout.shard_name(index), groups=len(records), images=sum(rec.group_size for rec in records),
-        failed_images=failed,
-        reward_means={n: reward_mean([v for rec in records for v in rec.rewards[n]]) for n in names},
-        tar_sha256=sha256_bytes(tar_data), tar_bytes=len(tar_data), parquet_sha256=sha256_bytes(parquet_data),
-        parquet_bytes=len(parquet_data), fingerprint=p.fingerprint, seconds=round(time.time() - t0, 3),
-        task_id=task_id, timings={k: round(v, 3) for k, v in timings.items()})
-    layout.atomic_write(paths["stats"], (json.dumps(stats.__dict__, indent=1) + "\n").encode())  # last
-    return stats
+    return write_shard(p.root, index, records, samples, list(p.cfg.rollouts.rewards), fingerprint=p.fingerprint,
+                       task_id=task_id, t0=t0, timings=timings, mark=mark)
 
 
 def main(cfg: ExperimentConfig, *, task_id: int | None = None, num_tasks: int | None = None,
