@@ -146,7 +146,8 @@ class RolloutsConfig:
 
 @dataclass
 class TrainConfig:
-    dataset: str = "datasets/toy"  # a stage-one dataset folder (manifest.json); the only input of training
+    dataset: str = "datasets/toy"  # a stage-one dataset folder (manifest.json), or its URL (http(s)://, gs://,
+    # s3://: shards streamed, each checked against the manifest's sha256 as read); the only input of training
     out: str = "runs/toy"  # run folder: checkpoints/, metrics.jsonl, tensorboard/, export/, ... (pipeline/runs.py)
     loss: str = "dgpo"  # dgpo | gdro-ce | gdro-pl | dpo | raft (see pipeline/losses.py)
     reward_weights: dict[str, float] = field(default_factory=lambda: {"toy_geneval": 1.0})  # raw reward -> weight

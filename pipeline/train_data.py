@@ -12,6 +12,7 @@ cycling, the global batch of step s a function of s alone, each rank taking its 
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from schemas.codec import ShardError
 from schemas.manifest import array_dtypes, decode_group, load_manifest
 
 from .errors import GdroError
+from .remote import fetch_shard, is_url, join, load_manifest_url
 
 
 def mixed_rewards(raw: dict[str, list], weights: dict[str, float], where: str) -> tuple[np.ndarray, bool]:
@@ -74,7 +76,14 @@ def collate_groups(items: list[dict]) -> dict:
     }
 
 
-def shard_urls(root: Path) -> tuple[dict, list[str]]:
+def shard_urls(root: Path | str) -> tuple[dict, list[str]]:
+    """The manifest and its shards' tar locations (paths, or URLs for a dataset at a URL)."""
+    if is_url(root):
+        try:
+            manifest, _ = load_manifest_url(str(root))
+        except ShardError as e:
+            raise GdroError(f"train.dataset: {e}") from None
+        return manifest, [join(str(root), sh["tar"]) for sh in manifest["shards"]]
     try:
         manifest = load_manifest(root)
     except ShardError as e:
@@ -86,7 +95,21 @@ def shard_urls(root: Path) -> tuple[dict, list[str]]:
     return manifest, urls
 
 
-def check_dataset(root: Path, weights: dict[str, float], *, verify: bool) -> dict:
+class ShardOpener:
+    """Opens a shard for reading: a local file as it is (checked before step one); a remote one fetched whole,
+    checked against the manifest's sha256 and scanned before any of its groups is used (pipeline/remote.py)."""
+
+    def __init__(self, root, manifest: dict):
+        self.base, self.manifest = str(root), manifest
+        self.remote = {join(self.base, sh["tar"]): sh for sh in manifest["shards"]} if is_url(root) else {}
+
+    def __call__(self, url: str):
+        if url in self.remote:
+            return io.BytesIO(fetch_shard(self.base, self.remote[url], self.manifest))
+        return open(url, "rb")  # the caller closes it
+
+
+def check_dataset(root: Path | str, weights: dict[str, float], *, verify: bool) -> dict:
     """Refuse, before any training step, a dataset whose schema version is unknown, whose tars hold a member
     outside the schema or are damaged (the header scan, always: it decodes nothing), that lacks a reward the mix
     needs, or whose shards do not match their manifest checksums (when `verify`)."""
@@ -96,7 +119,10 @@ def check_dataset(root: Path, weights: dict[str, float], *, verify: bool) -> dic
     manifest, _ = shard_urls(root)
     if bad := manifest_problem(manifest):
         raise GdroError(f"train.dataset {root}: {bad}")
-    if problems := scan_dataset(Path(root), manifest):
+    if is_url(root):  # each remote shard is checked and scanned when it is fetched (ShardOpener)
+        print(f"data: {root} is remote: each shard is checked against the manifest's sha256 as it is read",
+              flush=True)
+    elif problems := scan_dataset(Path(root), manifest):
         more = f" ({len(problems) - 1} more shard(s): `gdro verify {root}` lists them)" if len(problems) > 1 else ""
         raise GdroError(f"train.dataset {root}: {problems[0]}{more}")
     stored = [r["name"] for r in manifest["rewards"]]
@@ -104,7 +130,7 @@ def check_dataset(root: Path, weights: dict[str, float], *, verify: bool) -> dic
     if missing:
         raise GdroError(f"train.reward_weights names {', '.join(missing)}, but {root} stores only "
                         f"{', '.join(stored)} (rewards are chosen at rollout time: rollouts.rewards)")
-    if verify:
+    if verify and not is_url(root):
         problems = checksum_problems(Path(root), manifest)
         if problems:
             raise GdroError(f"train.dataset {root} fails its checksums: {'; '.join(problems)}. Run `gdro verify "
@@ -112,18 +138,19 @@ def check_dataset(root: Path, weights: dict[str, float], *, verify: bool) -> dic
     return manifest
 
 
-def _local_tar_samples(src):
-    """webdataset's tarfile_to_samples, but the shards are opened here with a plain open(): under WDS_SECURE=1
-    (which this project asks for) webdataset's gopen refuses every local path."""
+def _tar_samples(opener: ShardOpener):
+    """webdataset's tarfile_to_samples, but the shards are opened by `opener`: under WDS_SECURE=1 (which this
+    project asks for) webdataset's gopen refuses every local path, and a remote shard is checked first."""
     from webdataset.handlers import reraise_exception
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
     def opened(urls):
         for s in urls:
-            with open(s["url"], "rb") as stream:
+            with opener(s["url"]) as stream:
                 yield dict(s, stream=stream)
 
-    return group_by_keys(tar_file_expander(opened(src), handler=reraise_exception), handler=reraise_exception)
+    return lambda src: group_by_keys(tar_file_expander(opened(src), handler=reraise_exception),
+                                     handler=reraise_exception)
 
 
 class SequentialBatches:
@@ -132,8 +159,8 @@ class SequentialBatches:
     j in [r*groups, (r+1)*groups). Every rank reads every shard but decodes only its own slice."""
 
     def __init__(self, urls: list[str], *, groups: int, weights: dict[str, float], rank: int, world: int,
-                 dtypes: dict[str, str]):
-        self.urls, self.groups, self.weights, self.dtypes = urls, groups, weights, dtypes
+                 dtypes: dict[str, str], opener: ShardOpener):
+        self.urls, self.groups, self.weights, self.dtypes, self.opener = urls, groups, weights, dtypes, opener
         self.rank, self.world = rank, world
 
     def __iter__(self):
@@ -142,8 +169,9 @@ class SequentialBatches:
         def cycle():
             while True:
                 for url in self.urls:
-                    for key, raw in iter_tar_groups(Path(url)):
-                        yield url, key, raw
+                    with self.opener(url) as stream:
+                        for key, raw in iter_tar_groups(stream):
+                            yield url, key, raw
 
         stream = cycle()
         lo, hi = self.rank * self.groups, (self.rank + 1) * self.groups
@@ -156,7 +184,7 @@ class SequentialBatches:
             yield collate_groups(items)
 
 
-def group_batches(root: Path, *, groups: int, weights: dict[str, float], seed: int, rank: int, world: int,
+def group_batches(root: Path | str, *, groups: int, weights: dict[str, float], seed: int, rank: int, world: int,
                   workers: int, shuffle_buffer: int, order: str = "shuffled"):
     """An endless iterable of collated batches of `groups` groups for this rank (`order`: see the module doc)."""
     import webdataset as wds
@@ -168,7 +196,7 @@ def group_batches(root: Path, *, groups: int, weights: dict[str, float], seed: i
             raise GdroError(f"train.dataset {root} holds no groups")
         by_index = sorted(zip(manifest["shards"], urls), key=lambda su: su[0]["name"])
         return manifest, SequentialBatches([u for _, u in by_index], groups=groups, weights=weights, rank=rank,
-                                           world=world, dtypes=dtypes)
+                                           world=world, dtypes=dtypes, opener=ShardOpener(root, manifest))
     assert order == "shuffled", order
     slots = world * max(1, workers)
     if len(urls) < slots:
@@ -182,7 +210,7 @@ def group_batches(root: Path, *, groups: int, weights: dict[str, float], seed: i
 
     pipeline = wds.DataPipeline(
         wds.ResampledShards(urls, seed=run_seed, worker_seed=worker_seed, deterministic=True),
-        _local_tar_samples,
+        _tar_samples(ShardOpener(root, manifest)),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 16), seed=run_seed + rank),
         wds.map(lambda s: _to_item(s, weights, dtypes)),
         wds.batched(groups, collation_fn=collate_groups, partial=False),

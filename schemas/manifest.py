@@ -137,10 +137,12 @@ def array_dtypes(m: dict) -> dict[str, str]:
             layout.POOLED_EMBEDS_MEMBER: m["embeds_dtype"]}
 
 
-def iter_tar_groups(path: Path):
-    """Yield (key, {member: raw bytes}) per sample of a tar, in order, with plain `tarfile` (no webdataset)."""
+def iter_tar_groups(path):
+    """Yield (key, {member: raw bytes}) per sample of a tar (a path, or a binary file read from its start), in
+    order, with plain `tarfile` (no webdataset)."""
     current, members = None, {}
-    with tarfile.open(path, "r:") as tf:
+    opened = {"name": str(path)} if isinstance(path, (str, Path)) else {"fileobj": path}
+    with tarfile.open(mode="r:", **opened) as tf:
         for info in tf:
             if not info.isfile():
                 raise ShardError(f"{path}: entry {info.name!r} is not a regular file")

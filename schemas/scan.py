@@ -62,8 +62,11 @@ def scan_tar(src, shard: dict, m: dict) -> Problem | None:
     name, tar_name = shard["name"], shard["tar"]
     expected = expected_members(m)
     allowed = set(expected)
-    size = os.path.getsize(src) if isinstance(src, (str, Path)) else src.seek(0, io.SEEK_END)
-    opened = {"name": str(src)} if isinstance(src, (str, Path)) else {"fileobj": src}
+    if isinstance(src, (str, Path)):
+        size, opened = os.path.getsize(src), {"name": str(src)}
+    else:
+        size, opened = src.seek(0, io.SEEK_END), {"fileobj": src}
+        src.seek(0)
 
     def problem(text: str, hostile: bool) -> Problem:
         return Problem(name, f"{tar_name}, {text}; {CLEAN_COPY if hostile else DAMAGED}", hostile)

@@ -9,7 +9,7 @@ rescore resumes and ends with the bytes of an uninterrupted one.
 """
 from __future__ import annotations
 
-import json
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from pipeline.dataset_identity import code_version, record_identity, shard_is_complete
 from pipeline.errors import GdroError
+from pipeline.remote import is_url, mirror
 from pipeline.rewards import make_reward, reward_identity
 from pipeline.shard_writer import write_shard
 from schemas import SCHEMA_VERSION, layout
@@ -63,11 +64,11 @@ def _parent(root: Path) -> dict:
     return m
 
 
-def new_identity(parent_root: Path, parent: dict, reward: dict) -> dict:
+def new_identity(parent_root: Path, source: str, parent: dict, reward: dict) -> dict:
     if reward["name"] in {r["name"] for r in parent["rewards"]}:
-        raise GdroError(f"--reward {reward['name']}: {parent_root} already stores it; choose another reward")
+        raise GdroError(f"--reward {reward['name']}: {source} already stores it; choose another reward")
     ident = {k: v for k, v in parent.items() if k not in ASSEMBLED}
-    step = {"parent": str(parent_root), "parent_manifest_sha256": sha256_file(parent_root / layout.MANIFEST),
+    step = {"parent": source, "parent_manifest_sha256": sha256_file(parent_root / layout.MANIFEST),
             "parent_fingerprint": parent["fingerprint"], "parent_code_version": parent["code_version"],
             "reward_added": reward, "code_version": code_version()}
     return {**ident, "schema_version": SCHEMA_VERSION, "rewards": [*parent["rewards"], reward],
@@ -94,13 +95,24 @@ def rescore_shard(index: int, parent_root: Path, parent: dict, out: Path, reward
                 timings={"rewards": mark - t0}, mark=mark)
 
 
-def main(dataset: Path, reward_text: str, out: Path) -> Path:
-    dataset, out = Path(dataset), Path(out)
+def main(dataset: Path | str, reward_text: str, out: Path) -> Path:
+    """`dataset` a folder or a URL (mirrored first into `<out>.parent-mirror`, each file checked as it arrives;
+    removed when the rescore is done)."""
+    source, out = str(dataset), Path(out)
+    mirror_dir = None
+    if is_url(source):
+        mirror_dir = out.with_name(out.name + ".parent-mirror")
+        print(f"rescore: fetching {source} into {mirror_dir}", flush=True)
+        try:
+            dataset = mirror(source, mirror_dir)
+        except ShardError as e:
+            raise GdroError(str(e)) from None
+    dataset = Path(dataset)
     if out.resolve() == dataset.resolve():
         raise GdroError(f"--out {out} is the dataset itself: a rescore writes a new revision, never in place")
     name, params = parse_reward(reward_text)
     parent = _parent(dataset)
-    ident = new_identity(dataset, parent, reward_identity(name, params))
+    ident = new_identity(dataset, source, parent, reward_identity(name, params))
     fingerprint = record_identity(out, ident, {"rescore": {"dataset": str(dataset), "reward": name,
                                                            "params": params}},
                                   "rerun the same gdro rescore to resume")
@@ -113,6 +125,8 @@ def main(dataset: Path, reward_text: str, out: Path) -> Path:
         for s in tqdm(pending, desc="rescore", unit="shard", dynamic_ncols=True):
             rescore_shard(s, dataset, parent, out, reward, names, fingerprint)
     path = assemble_manifest(out)
-    print(f"rescore: wrote {path} (lineage: {json.dumps(ident['lineage'][-1]['parent_manifest_sha256'][:16])})",
+    if mirror_dir is not None:
+        shutil.rmtree(mirror_dir)
+    print(f"rescore: wrote {path} (parent manifest sha256 {ident['lineage'][-1]['parent_manifest_sha256'][:16]}...)",
           flush=True)
     return out

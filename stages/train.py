@@ -118,14 +118,14 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
         raise GdroError(f"{out} already holds checkpoints; resume it (drop --no-resume) or choose a new train.out")
     if resume is True and start_tag is None:
         raise GdroError(f"--resume: {ckdir} holds no checkpoint to resume; drop --resume to start a new run")
-    check_dataset(Path(t.dataset), t.reward_weights, verify=t.verify_shards)
+    check_dataset(t.dataset, t.reward_weights, verify=t.verify_shards)  # a folder or a URL
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, out / runs.CONFIG)
     torch.manual_seed(t.seed)
 
     # ---- data (a resumed run skips the batches it already used, after the checkpoint is loaded)
-    manifest, loader = group_batches(Path(t.dataset), groups=t.groups_per_step, weights=t.reward_weights,
+    manifest, loader = group_batches(t.dataset, groups=t.groups_per_step, weights=t.reward_weights,
                                      seed=t.seed, rank=rank, world=world, workers=t.num_workers,
                                      shuffle_buffer=t.shuffle_buffer, order=t.data_order)
     G = manifest["group_size"]
