@@ -146,8 +146,11 @@ class RolloutsConfig:
 
 @dataclass
 class TrainConfig:
-    dataset: str = "datasets/toy"  # a stage-one dataset folder (manifest.json), or its URL (http(s)://, gs://,
-    # s3://: shards streamed, each checked against the manifest's sha256 as read); the only input of training
+    dataset: str | list[str] = "datasets/toy"  # a stage-one dataset folder (manifest.json), or its URL (http(s)://,
+    # gs://, s3://: shards streamed, each checked against the manifest's sha256 as read), or a list of them made by
+    # the same generator (checked from their manifests), mixed by dataset_weights; the only input of training
+    dataset_weights: list[float] = field(default_factory=list)  # one per train.dataset entry: the share of groups
+    # drawn from each (data_order=shuffled); [] = in proportion to their groups
     out: str = "runs/toy"  # run folder: checkpoints/, metrics.jsonl, tensorboard/, export/, ... (pipeline/runs.py)
     loss: str = "dgpo"  # dgpo | gdro-ce | gdro-pl | dpo | raft (see pipeline/losses.py)
     reward_weights: dict[str, float] = field(default_factory=lambda: {"toy_geneval": 1.0})  # raw reward -> weight
@@ -211,6 +214,8 @@ class TrainConfig:
             raise GdroError(f"{key}reward_weights is empty: name at least one stored reward")
         if self.eval_every < 0 or self.patience < 0:
             raise GdroError(f"{key}eval_every and {key}patience must be >= 0 (0 = off)")
+        if any(not w > 0 for w in self.dataset_weights):
+            raise GdroError(f"{key}dataset_weights must all be > 0, got {self.dataset_weights}")
         _positive(f"{key}eval_num_prompts", self.eval_num_prompts)
         if self.lora_rank < 0 or self.kl_beta < 0 or self.num_workers < 0:
             raise GdroError(f"{key}lora_rank, {key}kl_beta and {key}num_workers must be >= 0")
