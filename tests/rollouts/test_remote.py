@@ -120,3 +120,24 @@ def test_rescore_takes_a_url_and_records_it(served, tmp_path):
     from schemas.manifest import verify_dataset
 
     assert verify_dataset(out) == []
+
+
+def test_an_s3_url_goes_through_aws_s3_cp(dataset, tmp_path, monkeypatch):
+    """s3:// runs `aws s3 cp URL -` through webdataset's Pipe: here a stand-in `aws` on PATH serving a folder."""
+    from pipeline.train_data import check_datasets, group_batches
+
+    bucket = tmp_path / "bucket"
+    copy_dataset(dataset, bucket / "ds")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "aws").write_text(f'#!/bin/sh\n[ "$1 $2" = "s3 cp" ] && [ "$4" = "-" ] || exit 2\n'
+                                 f'exec cat "{bucket}/${{3#s3://bucket/}}"\n')
+    (bin_dir / "aws").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    check_datasets("s3://bucket/ds", {REWARD: 1.0}, verify=True)
+    kw = {"groups": 2, "weights": {REWARD: 1.0}, "seed": 0, "rank": 0, "world": 1, "workers": 0,
+          "shuffle_buffer": 1, "order": "sequential"}
+    remote, local = iter(group_batches("s3://bucket/ds", **kw)[1]), iter(group_batches(dataset, **kw)[1])
+    for _ in range(4):
+        a, b = next(remote), next(local)
+        assert a["keys"] == b["keys"] and (a["latents"] == b["latents"]).all()
