@@ -9,6 +9,11 @@ batch but marked invalid, so it is counted, never silently dropped, and never tr
 `order="sequential"` (train.data_order) replaces the resampling by a fixed schedule: all groups in key order,
 cycling, the global batch of step s a function of s alone, each rank taking its contiguous slice. 1 rank with
 2m groups per step then sees what 2 ranks with m each see together (the distributed test relies on it).
+
+Before step one, `check_datasets` refuses what would fail later: the manifest, the rewards the mix needs, the
+checksums, the header scan (`schemas/scan.py`). Arrays of any storage dtype are read as float32. train.dataset
+may be a URL (each shard fetched whole, checked and scanned before use: `ShardOpener`) or a list of datasets
+of one generator, mixed per group by train.dataset_weights (`MixedSources`).
 """
 from __future__ import annotations
 

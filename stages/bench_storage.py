@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,10 @@ def sample_bytes(record: dict, arrays: dict[str, np.ndarray], images: list[np.nd
     buf = io.BytesIO()
     with wds.TarWriter(buf, encoder=False, mtime=0) as sink:
         sink.write(sample)
-    return len(buf.getvalue()) - 1024  # less the end-of-archive blocks, which a shard has once, not per group
+    buf.seek(0)
+    with tarfile.open(fileobj=buf, mode="r:") as tf:  # where the last member ends: the end-of-archive blocks and
+        last = tf.getmembers()[-1]  # the padding to tarfile's 10 kB records come once per shard, not per group
+    return last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 
 
 def photo_crops(n: int, px: int) -> list[np.ndarray]:
