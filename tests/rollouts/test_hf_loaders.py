@@ -108,6 +108,13 @@ def test_v1_json_defeats_the_hf_loader_and_gdro_still_reads_v1(small_dataset, tm
         assert old[key][0].schema_version == 1
         for name, arr in new[key][1].items():
             np.testing.assert_array_equal(old[key][1][name], arr)
+    from pipeline.train_data import check_datasets, group_batches  # and the trainer takes v1 as it is
+
+    check_datasets(v1, {"toy_geneval": 1.0}, verify=True)
+    kw = {"groups": 3, "weights": {"toy_geneval": 1.0}, "seed": 0, "rank": 0, "world": 1, "workers": 0,
+          "shuffle_buffer": 1, "order": "sequential"}
+    a, b = next(iter(group_batches(v1, **kw)[1])), next(iter(group_batches(small_dataset, **kw)[1]))
+    assert a["keys"] == b["keys"] and all(bool((a[k] == b[k]).all()) for k in ("latents", "rewards", "ref_errors"))
 
 
 def test_the_card_shows_the_snippets(small_dataset):
