@@ -9,6 +9,7 @@ from pathlib import Path
 from . import READABLE_VERSIONS, SCHEMA_VERSION, layout
 from .codec import ShardError, decode_member, from_storage
 from .records import GroupRecord, ShardStats, sha256_bytes, sha256_file
+from .scan import manifest_problem, scan_dataset
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -192,8 +193,6 @@ def checksum_problems(root: Path, m: dict) -> list[str]:
 def verify_dataset(root: Path) -> list[str]:
     """Every problem found, each naming the shard and what is wrong (empty list: the dataset is sound). The
     header scan (`scan.py`) comes first; a shard that fails it, or its checksum, is not decoded."""
-    from .scan import manifest_problem, scan_dataset
-
     root = Path(root)
     try:
         m = load_manifest(root)

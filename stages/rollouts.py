@@ -26,7 +26,7 @@ from pipeline.rewards import Reward, make_reward
 from pipeline.sampling import sample, uses_cfg
 from pipeline.shard_writer import write_shard
 from schemas import layout
-from schemas.codec import image_bytes, json_bytes, npy_bytes, to_storage
+from schemas.codec import from_storage, image_bytes, json_bytes, npy_bytes, to_storage
 from schemas.manifest import assemble_manifest
 from schemas.records import GroupRecord, ShardStats, sha256_bytes
 from schemas.seeds import member_seed, noise_for
@@ -85,6 +85,11 @@ def _score(rewards: list[Reward], images: np.ndarray, prompts: list[str], metas:
     return scores, errors
 
 
+def _as_stored(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """float32 values as stored in `dtype` and read back (bfloat16/float16 rounding; float32 unchanged)."""
+    return torch.from_numpy(from_storage(to_storage(x.float().cpu().numpy(), dtype), dtype, "rollouts"))
+
+
 def _reference_errors(backend, latents: torch.Tensor, cond: Conditioning, metas_ids: list[int], cfg) -> tuple:
     """K draws per group (t_k, noise seed s_k) shared by the group; the frozen model's error per member."""
     r = cfg.rollouts
@@ -136,6 +141,8 @@ def generate_shard(index: int, p: Plan, backend, rewards: list[Reward], task_id:
         latents[start:start + len(chunk)] = sample(backend, noise, c, sampler, null_cond=null).cpu()
         bar.update(len(chunk))
     images = backend.decode(latents)
+    latents = _as_stored(latents, r.latents_dtype)  # the cache is of what stage two reads back, not of more
+    cond = Conditioning(_as_stored(cond.prompt_embeds, r.embeds_dtype), _as_stored(cond.pooled_embeds, r.embeds_dtype))
     timings["sampling"], mark = time.time() - mark, time.time()
     scores, errors = _score(rewards, images, [texts[gi] for gi, _ in flat], [metas[gi] for gi, _ in flat])
     finite = torch.isfinite(latents).flatten(1).all(1)

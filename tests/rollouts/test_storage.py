@@ -68,7 +68,7 @@ def test_16_bit_dataset_holds_the_32_bit_values_rounded(compact, small_dataset):
     assert groups.keys() == full.keys()
     for key, ((rec, arrays), raw) in groups.items():
         (rec32, arrays32), _ = full[key]
-        assert rec.rewards == rec32.rewards and rec.ref_errors == rec32.ref_errors  # scored before storage
+        assert rec.rewards == rec32.rewards  # the images are scored before storage
         lat32 = torch.from_numpy(arrays32["latents.npy"])
         np.testing.assert_array_equal(arrays["latents.npy"], lat32.to(torch.bfloat16).float().numpy())
         for name in ("prompt_embeds.npy", "pooled_embeds.npy"):
@@ -79,6 +79,23 @@ def test_16_bit_dataset_holds_the_32_bit_values_rounded(compact, small_dataset):
             buf = io.BytesIO()  # Pillow's own lossy WebP of the lossless image, at the recorded quality
             Image.fromarray(arrays32[f"{i}.png"]).save(buf, format="WEBP", lossless=False, quality=80, method=4)
             assert raw[f"{i}.webp"] == buf.getvalue()
+
+
+def test_the_cache_is_of_the_stored_16_bit_values(compact, tiny_toy_model, small_dataset):
+    """Stage one computes the reference errors on the latents and embeddings as stored, so stage two's
+    recomputation from the shards equals the cache (float32 values would differ by the rounding)."""
+    from diffusers import SD3Transformer2DModel
+    from gdro_testing import check_cached_reference_errors
+
+    from pipeline.backends.base import dataset_velocity
+    from schemas.manifest import load_manifest
+
+    tr = SD3Transformer2DModel.from_pretrained(tiny_toy_model / "transformer").eval()
+    velocity = dataset_velocity("toy", load_manifest(compact))
+    assert check_cached_reference_errors(compact, lambda x, t, c: velocity(tr, x, t, c), 3) == 6 * 2
+    _, ours = _groups(compact)
+    _, full = _groups(small_dataset)
+    assert any(ours[k][0][0].ref_errors != full[k][0][0].ref_errors for k in ours)  # rounding did change them
 
 
 def test_the_trainer_reads_16_bit_storage_as_float32(compact):
