@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import click
+
+from schemas.codec import ShardError
 
 from .errors import GdroError
 
@@ -114,12 +117,22 @@ def rollouts(preset, files, overrides, task_id, num_tasks, assemble_only):
 
 
 @cli.command()
-@click.argument("dataset", type=click.Path(file_okay=False))
+@click.argument("dataset")
 def verify(dataset):
-    """Check a dataset: checksums, schema version, member sets, counts. Exits 1 naming every bad shard."""
+    """Check a dataset (a folder or a URL): checksums, schema version, member sets, counts. Exits 1 naming every
+    bad shard."""
     from schemas.manifest import verify_dataset
 
-    problems = verify_dataset(Path(dataset))
+    from .remote import is_url, mirror
+
+    if is_url(dataset):  # fetched into a temporary folder, each file checked against the manifest as it arrives
+        with tempfile.TemporaryDirectory(prefix="gdro-verify-") as tmp:
+            try:
+                problems = verify_dataset(mirror(dataset, Path(tmp)))
+            except ShardError as e:
+                problems = [str(e)]
+    else:
+        problems = verify_dataset(Path(dataset))
     for p in problems:
         click.echo(f"BAD {p}")
     if problems:
@@ -128,16 +141,36 @@ def verify(dataset):
 
 
 @cli.command()
-@click.argument("dataset", type=click.Path(file_okay=False))
+@click.argument("dataset")
 @click.option("--sheet", type=click.Path(dir_okay=False), default=None,
-              help="Contact sheet PNG (default: DATASET/contact_sheet.png).")
+              help="Contact sheet PNG (default: DATASET/contact_sheet.png; ./contact_sheet.png for a URL).")
 @click.option("--groups", "n_groups", default=6, show_default=True, help="Groups on the contact sheet.")
 def inspect(dataset, sheet, n_groups):
     """Summarise a dataset (groups, images, reward means per reward and per kind, zero-spread groups) and
     draw a contact sheet of a few groups sorted by reward."""
     from .dataset_summary import inspect_dataset
+    from .remote import is_url, mirror
 
-    click.echo(inspect_dataset(Path(dataset), Path(sheet) if sheet else None, n_groups))
+    if not is_url(dataset):
+        click.echo(inspect_dataset(Path(dataset), Path(sheet) if sheet else None, n_groups))
+        return
+    with tempfile.TemporaryDirectory(prefix="gdro-inspect-") as tmp:  # fetched and checked, as for verify
+        click.echo(inspect_dataset(mirror(dataset, Path(tmp)), Path(sheet or "contact_sheet.png"), n_groups)
+                   .replace(tmp, dataset))
+
+
+@cli.command()
+@click.argument("dataset")
+@click.option("--reward", "reward", required=True, metavar="NAME[=PARAMS]",
+              help="The reward to add, with its parameters as a YAML mapping, e.g. 'pickscore={path: models/ps}'.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The new revision's folder.")
+def rescore(dataset, reward, out):
+    """Add a reward to a dataset from its stored images, into a new revision (OUT): new group JSON and Parquet
+    column, the other members copied byte for byte, a manifest recording the lineage (parent manifest sha256,
+    reward and engine version). The parent is only read. Resumable per shard: rerun the same command."""
+    from stages.rescore import main as run
+
+    click.echo(f"OK {run(dataset, reward, Path(out))}")
 
 
 @cli.command()
@@ -329,7 +362,7 @@ def toy_score(model, prompts, steps, guidance, limit, seed):
 def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="gdro", standalone_mode=False)
-    except GdroError as e:
+    except (GdroError, ShardError) as e:  # a user's mistake or a dataset breaking the contract: one line
         click.echo(f"gdro: error: {e}", err=True)
         return 2
     except click.exceptions.Abort:

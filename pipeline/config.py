@@ -117,7 +117,12 @@ class RolloutsConfig:
     t_law: TLaw = "uniform"  # law of t for the cache draws: uniform | logit_normal
     t_min: float = 0.0  # t range of the cache draws (training with the cache uses the same draws)
     t_max: float = 1.0
-    image_format: Literal["png", "webp"] = "png"  # png | webp (lossless)
+    image_format: Literal["png", "webp", "jpeg"] = "png"  # png | webp | jpeg (members .png, .webp, .jpg)
+    image_quality: int = 0  # 0 = lossless (png, webp); 1..100 = a lossy webp or jpeg preview at that quality
+    # (the manifest then says the images are not faithful enough to re-score: gdro rescore refuses them)
+    latents_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # storage of the latents (bfloat16:
+    # .npy uint16 of the bit patterns); stage two trains on them as float32 either way (docs/storage.md)
+    embeds_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # storage of the prompt embeddings
 
     def check(self, key: str) -> None:
         for name in ("group_size", "prompts_per_shard", "batch_size"):
@@ -130,11 +135,22 @@ class RolloutsConfig:
             raise GdroError(f"{key}t_min/t_max must satisfy 0 <= t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
         if not self.rewards:
             raise GdroError(f"{key}rewards is empty: name at least one reward (e.g. toy_geneval)")
+        if not 0 <= self.image_quality <= 100:
+            raise GdroError(f"{key}image_quality must be in [0, 100] (0 = lossless), got {self.image_quality}")
+        if self.image_format == "png" and self.image_quality:
+            raise GdroError(f"{key}image_quality={self.image_quality}: png is lossless; use image_format=webp or "
+                            f"jpeg for a lossy preview, or image_quality=0")
+        if self.image_format == "jpeg" and not self.image_quality:
+            raise GdroError(f"{key}image_format=jpeg is lossy: set image_quality in 1..100 (e.g. 90)")
 
 
 @dataclass
 class TrainConfig:
-    dataset: str = "datasets/toy"  # a stage-one dataset folder (manifest.json); the only input of training
+    dataset: str | list[str] = "datasets/toy"  # a stage-one dataset folder (manifest.json), or its URL (http(s)://,
+    # gs://, s3://: shards streamed, each checked against the manifest's sha256 as read), or a list of them made by
+    # the same generator (checked from their manifests), mixed by dataset_weights; the only input of training
+    dataset_weights: list[float] = field(default_factory=list)  # one per train.dataset entry: the share of groups
+    # drawn from each (data_order=shuffled); [] = in proportion to their groups
     out: str = "runs/toy"  # run folder: checkpoints/, metrics.jsonl, tensorboard/, export/, ... (pipeline/runs.py)
     loss: str = "dgpo"  # dgpo | gdro-ce | gdro-pl | dpo | raft (see pipeline/losses.py)
     reward_weights: dict[str, float] = field(default_factory=lambda: {"toy_geneval": 1.0})  # raw reward -> weight
@@ -198,6 +214,8 @@ class TrainConfig:
             raise GdroError(f"{key}reward_weights is empty: name at least one stored reward")
         if self.eval_every < 0 or self.patience < 0:
             raise GdroError(f"{key}eval_every and {key}patience must be >= 0 (0 = off)")
+        if any(not w > 0 for w in self.dataset_weights):
+            raise GdroError(f"{key}dataset_weights must all be > 0, got {self.dataset_weights}")
         _positive(f"{key}eval_num_prompts", self.eval_num_prompts)
         if self.lora_rank < 0 or self.kl_beta < 0 or self.num_workers < 0:
             raise GdroError(f"{key}lora_rank, {key}kl_beta and {key}num_workers must be >= 0")

@@ -75,7 +75,10 @@ def identity(cfg: ExperimentConfig, prompts: list[dict]) -> dict:
                             "noise_seed": "member_seed(base_seed, prompt_id, 0, 'ref_eps{k}'), shared by the group",
                             "error": "mean over C,H,W of (v_ref(x_t, t, c) - (eps - x0))^2, float32"},
         "image_format": r.image_format,
-        "latents_dtype": "float32",
+        "image_quality": r.image_quality,  # 0: lossless
+        "images_rescorable": r.image_quality == 0,  # lossless images score as the rewards saw them
+        "latents_dtype": r.latents_dtype,
+        "embeds_dtype": r.embeds_dtype,
     }
 
 
@@ -90,7 +93,13 @@ def _diff(a, b, prefix: str = "") -> list[str]:
 
 def prepare_folder(root: Path, cfg: ExperimentConfig, prompts: list[dict]) -> str:
     """Record the identity on first use; refuse a different one later, naming the keys that differ."""
-    ident = identity(cfg, prompts)
+    return record_identity(root, identity(cfg, prompts), to_dict(cfg),
+                           "restore the old configuration to resume")
+
+
+def record_identity(root: Path, ident: dict, resolved: dict, how_to_resume: str) -> str:
+    """Write <root>/rollouts_config.json with this identity and its fingerprint on first use (rollouts, or a
+    rescore); refuse a folder started with another identity, naming the keys that differ."""
     fingerprint = sha256_bytes(json_bytes(ident))[:16]
     path = root / layout.RUN_CONFIG
     if path.exists():
@@ -98,10 +107,9 @@ def prepare_folder(root: Path, cfg: ExperimentConfig, prompts: list[dict]) -> st
         if old.get("fingerprint") != fingerprint:
             keys = _diff(old.get("identity", {}), ident) or ["(unknown: the stored identity is unreadable)"]
             raise GdroError(f"{root} holds a dataset generated with another configuration; differing keys: "
-                            f"{', '.join(keys)}. Use a new rollouts.out, or restore the old configuration to "
-                            f"resume")
+                            f"{', '.join(keys)}. Use a new output folder, or {how_to_resume}")
         return fingerprint
-    record = {"fingerprint": fingerprint, "identity": ident, "resolved_config": to_dict(cfg),
+    record = {"fingerprint": fingerprint, "identity": ident, "resolved_config": resolved,
               "code_version": code_version(), "library_versions": library_versions()}
     layout.atomic_write(path, (json.dumps(record, indent=1) + "\n").encode(), shared=True)
     return fingerprint

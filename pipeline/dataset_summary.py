@@ -8,21 +8,39 @@ import numpy as np
 
 from schemas import layout
 from schemas.codec import ShardError
-from schemas.manifest import decode_group, iter_tar_groups, load_manifest
+from schemas.manifest import array_dtypes, decode_group, iter_tar_groups, load_manifest
 from schemas.records import REWARD_PREFIX, ShardStats
+from schemas.scan import manifest_problem, scan_dataset
 
 from .errors import GdroError
 
 
-def read_rows(root: Path):
-    """All Parquet rows of a finished dataset as one pandas DataFrame."""
+def read_rows(root: Path, shards: list[dict] | None = None):
+    """The Parquet rows of a finished dataset (of `shards`, default all) as one pandas DataFrame."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     m = _manifest(root)
-    tables = [pq.read_table(Path(root) / sh["parquet"]) for sh in m["shards"]]
-    import pyarrow as pa
-
+    tables = [pq.read_table(Path(root) / sh["parquet"]) for sh in (m["shards"] if shards is None else shards)]
     return m, pa.concat_tables(tables).to_pandas()
+
+
+def damaged_shards(root: Path, m: dict) -> dict[str, str]:
+    """{shard name: what is wrong} from the header scan and missing files (no hashing: cheap on any size);
+    a member outside the schema refuses the whole dataset instead."""
+    if bad := manifest_problem(m):
+        raise GdroError(f"{Path(root) / layout.MANIFEST}: {bad}")
+    problems = scan_dataset(Path(root), m)
+    hostile = [p for p in problems if p.hostile]
+    if hostile:
+        more = f" ({len(hostile) - 1} more shard(s): `gdro verify {root}` lists them)" if len(hostile) > 1 else ""
+        raise GdroError(f"{root}: {hostile[0]}{more}")
+    damaged = {p.shard: str(p) for p in problems}
+    for sh in m["shards"]:
+        for kind in ("tar", "parquet"):
+            if sh["name"] not in damaged and not (Path(root) / sh[kind]).is_file():
+                damaged[sh["name"]] = f"shard {sh['name']}: {sh[kind]} is missing; fetch it again or re-generate it"
+    return damaged
 
 
 def _manifest(root: Path) -> dict:
@@ -33,11 +51,19 @@ def _manifest(root: Path) -> dict:
 
 
 def inspect_dataset(root: Path, sheet: Path | None = None, n_groups: int = 6) -> str:
-    m, df = read_rows(root)
+    m = _manifest(root)
+    damaged = damaged_shards(root, m)
+    sound = [sh for sh in m["shards"] if sh["name"] not in damaged]
+    if not sound:
+        raise GdroError(f"{root}: every shard is damaged, first {next(iter(damaged.values()))}")
+    m, df = read_rows(root, sound)
     rewards = [c for c in df.columns if c.startswith(REWARD_PREFIX)]
     lines = [(f"dataset {root}: {m['totals']['groups']} groups, {m['totals']['images']} images, "
               f"{m['totals']['failed_images']} failed, G={m['group_size']}, {m['totals']['shards']} shards, "
               f"generator {m['generator']['backend']} ({m['fingerprint']})")]
+    if damaged:
+        lines += [f"DAMAGED {text}" for text in damaged.values()]
+        lines.append(f"the statistics below cover the {len(sound)} sound shards of {len(m['shards'])}")
     lines.append(f"{'reward':<22}{'mean':>8}{'std':>8}{'zero-spread groups':>20}")
     for col in rewards:
         spread = df.groupby("key")[col].agg(lambda v: np.nanmax(v) - np.nanmin(v) if v.notna().any() else 0.0)
@@ -48,7 +74,8 @@ def inspect_dataset(root: Path, sheet: Path | None = None, n_groups: int = 6) ->
         table.columns = [c[len(REWARD_PREFIX):] for c in table.columns]
         lines.append("per kind (mean):\n" + table.to_string(float_format=lambda v: f"{v:.3f}"))
     sheet = sheet or Path(root) / "contact_sheet.png"
-    contact_sheet(Path(root), m, sheet, n_groups, rewards[0][len(REWARD_PREFIX):] if rewards else None)
+    contact_sheet(Path(root), {**m, "shards": sound}, sheet, n_groups,
+                  rewards[0][len(REWARD_PREFIX):] if rewards else None)
     lines.append(f"contact sheet: {sheet}")
     return "\n".join(lines)
 
@@ -62,7 +89,7 @@ def contact_sheet(root: Path, m: dict, path: Path, n_groups: int, reward: str | 
     groups = []
     for sh in m["shards"]:
         for key, raw in iter_tar_groups(root / sh["tar"]):
-            groups.append(decode_group(key, raw, sh["tar"]))
+            groups.append(decode_group(key, raw, sh["tar"], array_dtypes(m)))
             if len(groups) == n_groups:
                 break
         if len(groups) == n_groups:
@@ -74,7 +101,7 @@ def contact_sheet(root: Path, m: dict, path: Path, n_groups: int, reward: str | 
         order = sorted(range(g), key=lambda i: -(scores[i] if scores and scores[i] is not None else -np.inf))
         for c, i in enumerate(order):
             ax = axes[r, c]
-            ax.imshow(arrays[layout.image_member(i, m["image_format"])], interpolation="nearest")
+            ax.imshow(arrays[layout.image_member(i, layout.image_ext(m["image_format"]))], interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             val = scores[i] if scores else None

@@ -183,8 +183,12 @@ def submit(cfg, stage: str, *, dry_run: bool = False, after: str | None = None, 
             echo(f"# ===== {j.stage}: sbatch --parsable{dep} {folder / (j.stage + '.sbatch')}")
             echo(j.script)
         return []
-    if stage == "train" and after is None and not (Path(cfg.train.dataset) / "manifest.json").is_file():
-        raise GdroError(f"train.dataset {cfg.train.dataset} has no manifest.json yet: run or submit the rollouts "
+    from .remote import is_url
+    from .train_data import dataset_list
+
+    unmade = [d for d in dataset_list(cfg.train.dataset) if not is_url(d) and not (Path(d) / "manifest.json").is_file()]
+    if stage == "train" and after is None and unmade:
+        raise GdroError(f"train.dataset {unmade[0]} has no manifest.json yet: run or submit the rollouts "
                         f"first, chain with --after JOBID, or submit all")
     _which("sbatch")
     (folder / "logs").mkdir(parents=True, exist_ok=True)

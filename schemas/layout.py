@@ -18,11 +18,12 @@ KEY_DIGITS = 9
 
 # Per-group members besides the images. Every sample of a dataset has the same member names.
 JSON_MEMBER = "json"
-LATENTS_MEMBER = "latents.npy"  # float32 [G, C, H, W]: what stage two trains on
-PROMPT_EMBEDS_MEMBER = "prompt_embeds.npy"  # float32 [L, D], once per group
-POOLED_EMBEDS_MEMBER = "pooled_embeds.npy"  # float32 [P], once per group
+LATENTS_MEMBER = "latents.npy"  # [G, C, H, W] in the manifest's latents_dtype: what stage two trains on
+PROMPT_EMBEDS_MEMBER = "prompt_embeds.npy"  # [L, D] in the manifest's embeds_dtype, once per group
+POOLED_EMBEDS_MEMBER = "pooled_embeds.npy"  # [P] in the manifest's embeds_dtype, once per group
 ARRAY_MEMBERS = (LATENTS_MEMBER, PROMPT_EMBEDS_MEMBER, POOLED_EMBEDS_MEMBER)
-IMAGE_EXTS = ("png", "webp")
+IMAGE_FORMATS = {"png": "png", "webp": "webp", "jpeg": "jpg"}  # rollouts.image_format -> member extension
+IMAGE_EXTS = tuple(IMAGE_FORMATS.values())
 
 
 def shard_name(index: int) -> str:
@@ -46,6 +47,10 @@ def group_key(prompt_id: int) -> str:
 
 def image_member(member: int, ext: str) -> str:
     return f"{member}.{ext}"
+
+
+def image_ext(image_format: str) -> str:
+    return IMAGE_FORMATS[image_format]
 
 
 def member_names(group_size: int, image_ext: str) -> list[str]:

@@ -6,9 +6,10 @@ import json
 import tarfile
 from pathlib import Path
 
-from . import SCHEMA_VERSION, layout
-from .codec import ShardError, decode_member
+from . import READABLE_VERSIONS, SCHEMA_VERSION, layout
+from .codec import ShardError, decode_member, from_storage
 from .records import GroupRecord, ShardStats, sha256_bytes, sha256_file
+from .scan import manifest_problem, scan_dataset
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -32,7 +33,7 @@ def assemble_manifest(root: Path) -> Path:
         "fingerprint": run["fingerprint"],
         "code_version": run["code_version"],
         "library_versions": run["library_versions"],
-        "member_names": layout.member_names(ident["group_size"], ident["image_format"]),
+        "member_names": layout.member_names(ident["group_size"], layout.image_ext(ident["image_format"])),
         "totals": {"shards": len(shards), "groups": sum(s["groups"] for s in shards),
                    "images": sum(s["images"] for s in shards),
                    "failed_images": sum(s["failed_images"] for s in shards)},
@@ -48,6 +49,16 @@ def dataset_card(m: dict) -> str:
     g = m["generator"]
     rewards = ", ".join(f"`{r['name']}` v{r['version']}" for r in m["rewards"])
     ref = m["reference_cache"]
+    quality = (f" at quality {m['image_quality']} (lossy: not faithful enough to re-score)"
+               if m.get("image_quality") else " (lossless)")
+    first_reward = f"reward_{m['rewards'][0]['name']}"
+    if ":" in first_reward:  # a user scorer's module:function needs quoting in SQL
+        first_reward = f'"{first_reward}"'
+    bf16 = ("\nbfloat16 arrays are `.npy` uint16 of the bit patterns: `torch.from_numpy(a.view('int16'))"
+            ".view(torch.bfloat16)`." if "bfloat16" in (m["latents_dtype"], m["embeds_dtype"]) else "")
+    lineage = "".join(f"| rescored | from manifest sha256 `{st['parent_manifest_sha256'][:16]}...` (`{st['parent']}`), "
+                      f"added `{st['reward_added']['name']}` v{st['reward_added']['version']}, by "
+                      f"{st['code_version']} |\n" for st in m.get("lineage", []))
     return f"""---
 pretty_name: gdro group rollouts ({g['backend']})
 task_categories: [text-to-image]
@@ -58,6 +69,10 @@ configs:
   data_files:
   - split: train
     path: "shards/*.tar"
+- config_name: rows
+  data_files:
+  - split: train
+    path: "shards/*.parquet"
 ---
 # gdro group rollouts
 
@@ -77,9 +92,19 @@ every reward, and the reference model's cached flow-matching errors. One Parquet
 | seeds | base seed {m['seed_scheme']['base_seed']}; {m['seed_scheme']['scheme']} |
 | fingerprint | `{m['fingerprint']}` |
 | made by | {m['code_version']} |
-
+| storage | latents {m['latents_dtype']}, embeddings {m['embeds_dtype']}, images {m['image_format']}{quality} |
+{lineage}
 Members of each sample: {', '.join(f'`{n}`' for n in m['member_names'])}.
 No pickle anywhere: read with `WDS_SECURE=1`, `numpy.load(allow_pickle=False)`. Check it with `gdro verify`.
+The group JSON keeps the prompt's metadata as a JSON string (`metadata_json`); `json.loads` gives it back.{bf16}
+
+```python
+import json, datasets, duckdb
+groups = datasets.load_dataset("webdataset", data_files={{"train": "shards/*.tar"}}, split="train")  # or streaming=True
+meta = json.loads(groups[0]["json"]["metadata_json"])
+rows = datasets.load_dataset("parquet", data_files={{"train": "shards/*.parquet"}}, split="train")  # one row per image
+duckdb.sql("SELECT tag, avg({first_reward}) FROM 'shards/*.parquet' GROUP BY tag").show()
+```
 """
 
 
@@ -88,17 +113,37 @@ def load_manifest(root: Path) -> dict:
     if not path.is_file():
         raise ShardError(f"{path} does not exist: the dataset is unfinished (run `gdro status {root}`) or this is "
                          f"not a gdro dataset folder")
-    m = json.loads(path.read_text())
-    if m.get("schema_version") != SCHEMA_VERSION:
-        raise ShardError(f"{path}: field schema_version is {m.get('schema_version')!r}; this gdro reads schema "
-                         f"{SCHEMA_VERSION}")
+    try:
+        m = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{path}: not valid JSON ({e}); the dataset's manifest is damaged: re-assemble it "
+                         f"(gdro rollouts --assemble-only) or fetch it again") from None
+    return with_v1_defaults(m, path)
+
+
+def with_v1_defaults(m: dict, where) -> dict:
+    """Check the schema version; give a v1 manifest the v2 fields with the values v1 always had."""
+    if not isinstance(m, dict) or m.get("schema_version") not in READABLE_VERSIONS:
+        version = m.get("schema_version") if isinstance(m, dict) else None
+        raise ShardError(f"{where}: field schema_version is {version!r}; this gdro reads schema "
+                         f"{', '.join(map(str, READABLE_VERSIONS))} (current: {SCHEMA_VERSION})")
+    if m["schema_version"] == 1:
+        m = {**m, "embeds_dtype": "float32", "image_quality": 0, "images_rescorable": True}
     return m
 
 
-def iter_tar_groups(path: Path):
-    """Yield (key, {member: raw bytes}) per sample of a tar, in order, with plain `tarfile` (no webdataset)."""
+def array_dtypes(m: dict) -> dict[str, str]:
+    """The storage dtype of each array member (manifest fields latents_dtype, embeds_dtype)."""
+    return {layout.LATENTS_MEMBER: m["latents_dtype"], layout.PROMPT_EMBEDS_MEMBER: m["embeds_dtype"],
+            layout.POOLED_EMBEDS_MEMBER: m["embeds_dtype"]}
+
+
+def iter_tar_groups(path):
+    """Yield (key, {member: raw bytes}) per sample of a tar (a path, or a binary file read from its start), in
+    order, with plain `tarfile` (no webdataset)."""
     current, members = None, {}
-    with tarfile.open(path, "r:") as tf:
+    opened = {"name": str(path)} if isinstance(path, (str, Path)) else {"fileobj": path}
+    with tarfile.open(mode="r:", **opened) as tf:
         for info in tf:
             if not info.isfile():
                 raise ShardError(f"{path}: entry {info.name!r} is not a regular file")
@@ -114,10 +159,16 @@ def iter_tar_groups(path: Path):
         yield current, members
 
 
-def decode_group(key: str, raw: dict[str, bytes], where: str) -> tuple[GroupRecord, dict]:
-    """Decode and check one sample: the record, plus arrays and images by member name."""
+def decode_group(key: str, raw: dict[str, bytes], where: str,
+                 dtypes: dict[str, str] | None = None) -> tuple[GroupRecord, dict]:
+    """Decode and check one sample: the record, plus arrays (as float32, from the storage `dtypes` of
+    `array_dtypes(manifest)`; float32 if None) and images by member name."""
     here = f"{where}, key {key}"
     decoded = {name: decode_member(name, data, here) for name, data in sorted(raw.items())}
+    for name in layout.ARRAY_MEMBERS:
+        if name in decoded:
+            decoded[name] = from_storage(decoded[name], (dtypes or {}).get(name, "float32"),
+                                         f"{here}, member {name!r}")
     if layout.JSON_MEMBER not in decoded:
         raise ShardError(f"{here}: member 'json' is missing")
     rec = GroupRecord.from_json(decoded.pop(layout.JSON_MEMBER), here)
@@ -140,32 +191,30 @@ def checksum_problems(root: Path, m: dict) -> list[str]:
 
 
 def verify_dataset(root: Path) -> list[str]:
-    """Every problem found, each naming the shard and what is wrong (empty list: the dataset is sound)."""
+    """Every problem found, each naming the shard and what is wrong (empty list: the dataset is sound). The
+    header scan (`scan.py`) comes first; a shard that fails it, or its checksum, is not decoded."""
     root = Path(root)
     try:
         m = load_manifest(root)
     except ShardError as e:
         return [str(e)]
+    if bad_manifest := manifest_problem(m):
+        return [f"{root / layout.MANIFEST}: {bad_manifest}"]
     problems = checksum_problems(root, m)
-    expected = m["member_names"]
-    image_ext = m["image_format"]
+    scanned = {p.shard: str(p) for p in scan_dataset(root, m)}
+    problems += list(scanned.values())
+    image_ext = layout.image_ext(m["image_format"])
+    dtypes = array_dtypes(m)
     for sh in m["shards"]:
         tar, pq_path = root / sh["tar"], root / sh["parquet"]
         label = f"shard {sh['name']}"
-        if any(p.startswith(f"{label}: {sh['tar']}") for p in problems) or not pq_path.is_file():
-            continue  # a missing or altered tar (or a missing Parquet) is reported; its contents are not read
+        if sh["name"] in scanned or any(p.startswith(f"{label}: {sh['tar']}") for p in problems) \
+                or not pq_path.is_file():
+            continue  # reported already; its contents are not decoded
         groups = images = 0
         try:
             for key, raw in iter_tar_groups(tar):
-                names = sorted(raw)
-                if names != expected:
-                    problems.append(f"{label}, key {key}: members {names} differ from the schema's {expected}")
-                    continue
-                rec, decoded = decode_group(key, raw, str(tar))
-                lat = decoded[layout.LATENTS_MEMBER]
-                if lat.shape[0] != rec.group_size or lat.dtype.name != m["latents_dtype"]:
-                    problems.append(f"{label}, key {key}: latents {lat.shape} {lat.dtype} do not match G="
-                                    f"{rec.group_size}, {m['latents_dtype']}")
+                rec, _ = decode_group(key, raw, str(tar), dtypes)  # decodes every member, checks each array
                 for i in range(rec.group_size):
                     if sha256_bytes(raw[layout.image_member(i, image_ext)]) != rec.image_sha256[i]:
                         problems.append(f"{label}, key {key}: image {i} sha256 differs from its record")

@@ -1,4 +1,4 @@
-"""The records of schema v1: the per-group JSON, the per-image Parquet row, the per-shard stats, the manifest."""
+"""The records of schema v2: the per-group JSON, the per-image Parquet row, the per-shard stats, the manifest."""
 from __future__ import annotations
 
 import hashlib
@@ -8,15 +8,19 @@ from pathlib import Path
 
 import numpy as np
 
-from . import SCHEMA_VERSION
-from .codec import ShardError
+from . import READABLE_VERSIONS, SCHEMA_VERSION
+from .codec import ShardError, json_bytes
 
 REWARD_PREFIX = "reward_"
 
 
 @dataclass
 class GroupRecord:
-    """`<key>.json`: everything about one group that is not an array or an image."""
+    """`<key>.json`: everything about one group that is not an array or an image.
+
+    In memory `metadata` is the prompt's metadata as given; on disk (v2) it is `metadata_json`, its canonical
+    JSON as a string: task metadata mixes types (GenEval's `"position": ["below", 0]`) that Arrow, and so the
+    Hugging Face `datasets` loader, cannot type, while a string always types and gives the original back."""
 
     key: str
     prompt_id: int
@@ -37,16 +41,28 @@ class GroupRecord:
         return len(self.seeds)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        obj = asdict(self)
+        obj["metadata_json"] = json_bytes(obj.pop("metadata")).decode()
+        obj["schema_version"] = SCHEMA_VERSION
+        return obj
 
     @classmethod
     def from_json(cls, obj: dict, where: str) -> GroupRecord:
         if not isinstance(obj, dict):
             raise ShardError(f"{where}: json member is not an object")
         version = obj.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ShardError(f"{where}: field schema_version is {version!r}; this gdro reads schema "
-                             f"{SCHEMA_VERSION} (upgrade gdro, or regenerate the dataset)")
+                             f"{', '.join(map(str, READABLE_VERSIONS))} (upgrade gdro, or regenerate the dataset)")
+        obj = dict(obj)
+        if version >= 2:  # metadata as a JSON string (see the class docstring)
+            text = obj.pop("metadata_json", None)
+            try:
+                obj["metadata"] = json.loads(text) if isinstance(text, str) else None
+            except json.JSONDecodeError:
+                obj["metadata"] = None
+            if not isinstance(obj["metadata"], dict):
+                raise ShardError(f"{where}: field metadata_json is not the JSON text of an object")
         names = set(cls.__dataclass_fields__)
         missing = sorted(names - set(obj))
         if missing:
@@ -74,6 +90,7 @@ def parquet_schema(reward_names: list[str]):
         ("prompt", pa.string()), ("tag", pa.string()), ("seed", pa.int64()),
         *[(REWARD_PREFIX + n, pa.float64()) for n in sorted(reward_names)],
         ("status", pa.string()), ("error", pa.string()), ("image_sha256", pa.string()),
+        ("metadata_json", pa.string()),
     ])
 
 
@@ -94,6 +111,7 @@ def parquet_rows(records: list[GroupRecord], reward_names: list[str]) -> dict[st
             cols["status"].append(rec.status[m])
             cols["error"].append(rec.errors[m])
             cols["image_sha256"].append(rec.image_sha256[m])
+            cols["metadata_json"].append(json_bytes(rec.metadata).decode())
     return cols
 
 

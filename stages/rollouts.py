@@ -7,7 +7,6 @@ one shard of work per task, and the bytes never depend on how many tasks ran or 
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +24,12 @@ from pipeline.flow import flow_errors, sample_t
 from pipeline.prompt_files import load_prompts
 from pipeline.rewards import Reward, make_reward
 from pipeline.sampling import sample, uses_cfg
+from pipeline.shard_writer import write_shard
 from schemas import layout
-from schemas.codec import image_bytes, json_bytes, npy_bytes
+from schemas.codec import from_storage, image_bytes, json_bytes, npy_bytes, to_storage
 from schemas.manifest import assemble_manifest
-from schemas.records import GroupRecord, ShardStats, parquet_rows, parquet_schema, reward_mean, sha256_bytes
+from schemas.records import GroupRecord, ShardStats, sha256_bytes
 from schemas.seeds import member_seed, noise_for
-
-TAR_MTIME = 0  # fixed member mtime: the same config gives byte-identical tars
 
 
 @dataclass
@@ -87,6 +85,11 @@ def _score(rewards: list[Reward], images: np.ndarray, prompts: list[str], metas:
     return scores, errors
 
 
+def _as_stored(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """float32 values as stored in `dtype` and read back (bfloat16/float16 rounding; float32 unchanged)."""
+    return torch.from_numpy(from_storage(to_storage(x.float().cpu().numpy(), dtype), dtype, "rollouts"))
+
+
 def _reference_errors(backend, latents: torch.Tensor, cond: Conditioning, metas_ids: list[int], cfg) -> tuple:
     """K draws per group (t_k, noise seed s_k) shared by the group; the frozen model's error per member."""
     r = cfg.rollouts
@@ -138,6 +141,8 @@ def generate_shard(index: int, p: Plan, backend, rewards: list[Reward], task_id:
         latents[start:start + len(chunk)] = sample(backend, noise, c, sampler, null_cond=null).cpu()
         bar.update(len(chunk))
     images = backend.decode(latents)
+    latents = _as_stored(latents, r.latents_dtype)  # the cache is of what stage two reads back, not of more
+    cond = Conditioning(_as_stored(cond.prompt_embeds, r.embeds_dtype), _as_stored(cond.pooled_embeds, r.embeds_dtype))
     timings["sampling"], mark = time.time() - mark, time.time()
     scores, errors = _score(rewards, images, [texts[gi] for gi, _ in flat], [metas[gi] for gi, _ in flat])
     finite = torch.isfinite(latents).flatten(1).all(1)
@@ -151,7 +156,8 @@ def generate_shard(index: int, p: Plan, backend, rewards: list[Reward], task_id:
     for gi, pid in enumerate(ids):
         key = layout.group_key(pid)
         sl = slice(gi * g, (gi + 1) * g)
-        pngs = [image_bytes(images[i], r.image_format) for i in range(sl.start, sl.stop)]
+        ext = layout.image_ext(r.image_format)
+        pngs = [image_bytes(images[i], ext, r.image_quality) for i in range(sl.start, sl.stop)]
         errs = ["; ".join(errors[i]) for i in range(sl.start, sl.stop)]
         rec = GroupRecord(
             key=key, prompt_id=pid, prompt=texts[gi], metadata=metas[gi], seeds=seeds[gi],
@@ -164,47 +170,21 @@ def generate_shard(index: int, p: Plan, backend, rewards: list[Reward], task_id:
         )
         records.append(rec)
         sample_ = {"__key__": key, layout.JSON_MEMBER: json_bytes(rec.to_json()),
-                   layout.LATENTS_MEMBER: npy_bytes(latents[sl].numpy().astype(np.float32)),
-                   layout.PROMPT_EMBEDS_MEMBER: npy_bytes(cond.prompt_embeds[gi].float().cpu().numpy()),
-                   layout.POOLED_EMBEDS_MEMBER: npy_bytes(cond.pooled_embeds[gi].float().cpu().numpy())}
+                   layout.LATENTS_MEMBER: npy_bytes(to_storage(latents[sl].numpy(), r.latents_dtype)),
+                   layout.PROMPT_EMBEDS_MEMBER: npy_bytes(to_storage(cond.prompt_embeds[gi].float().cpu().numpy(),
+                                                                     r.embeds_dtype)),
+                   layout.POOLED_EMBEDS_MEMBER: npy_bytes(to_storage(cond.pooled_embeds[gi].float().cpu().numpy(),
+                                                                     r.embeds_dtype))}
         for m, data in enumerate(pngs):
-            sample_[layout.image_member(m, r.image_format)] = data
+            sample_[layout.image_member(m, ext)] = data
         samples.append(sample_)
     return _write_shard(index, p, records, samples, task_id, t0, timings, mark)
 
 
 def _write_shard(index: int, p: Plan, records, samples, task_id: int, t0: float, timings: dict,
                  mark: float) -> ShardStats:
-    import io
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import webdataset as wds
-
-    paths = layout.shard_paths(p.root, index)
-    buf = io.BytesIO()
-    with wds.TarWriter(buf, encoder=False, mtime=TAR_MTIME) as sink:
-        for s in samples:
-            sink.write(s)
-    tar_data = buf.getvalue()
-    names = list(p.cfg.rollouts.rewards)
-    table = pa.table(parquet_rows(records, names), schema=parquet_schema(names))
-    pbuf = pa.BufferOutputStream()
-    pq.write_table(table, pbuf, compression="zstd")
-    parquet_data = pbuf.getvalue().to_pybytes()
-    layout.atomic_write(paths["tar"], tar_data)
-    layout.atomic_write(paths["parquet"], parquet_data)
-    failed = sum(st != "ok" for rec in records for st in rec.status)
-    timings["writing"] = time.time() - mark  # encoding the images and groups, tar, parquet
-    stats = ShardStats(
-        shard=layout.shard_name(index), groups=len(records), images=sum(rec.group_size for rec in records),
-        failed_images=failed,
-        reward_means={n: reward_mean([v for rec in records for v in rec.rewards[n]]) for n in names},
-        tar_sha256=sha256_bytes(tar_data), tar_bytes=len(tar_data), parquet_sha256=sha256_bytes(parquet_data),
-        parquet_bytes=len(parquet_data), fingerprint=p.fingerprint, seconds=round(time.time() - t0, 3),
-        task_id=task_id, timings={k: round(v, 3) for k, v in timings.items()})
-    layout.atomic_write(paths["stats"], (json.dumps(stats.__dict__, indent=1) + "\n").encode())  # last
-    return stats
+    return write_shard(p.root, index, records, samples, list(p.cfg.rollouts.rewards), fingerprint=p.fingerprint,
+                       task_id=task_id, t0=t0, timings=timings, mark=mark)
 
 
 def main(cfg: ExperimentConfig, *, task_id: int | None = None, num_tasks: int | None = None,

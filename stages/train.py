@@ -28,7 +28,7 @@ from pipeline.eval.selection import Selector
 from pipeline.flow import error_weight, flow_errors, sample_t
 from pipeline.losses import NEEDS_REFERENCE, group_loss, kl_penalty, pairwise_accuracy
 from pipeline.preemption import Preemption, requeue_on_preemption
-from pipeline.train_data import check_dataset, group_batches
+from pipeline.train_data import check_datasets, group_batches
 from schemas.seeds import noise_for
 
 LORA_TARGETS = TrainConfig().lora_targets  # the default: every attention projection of these names
@@ -118,16 +118,16 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
         raise GdroError(f"{out} already holds checkpoints; resume it (drop --no-resume) or choose a new train.out")
     if resume is True and start_tag is None:
         raise GdroError(f"--resume: {ckdir} holds no checkpoint to resume; drop --resume to start a new run")
-    check_dataset(Path(t.dataset), t.reward_weights, verify=t.verify_shards)
+    check_datasets(t.dataset, t.reward_weights, verify=t.verify_shards, mix=t.dataset_weights)  # folders or URLs
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, out / runs.CONFIG)
     torch.manual_seed(t.seed)
 
     # ---- data (a resumed run skips the batches it already used, after the checkpoint is loaded)
-    manifest, loader = group_batches(Path(t.dataset), groups=t.groups_per_step, weights=t.reward_weights,
+    manifest, loader = group_batches(t.dataset, groups=t.groups_per_step, weights=t.reward_weights,
                                      seed=t.seed, rank=rank, world=world, workers=t.num_workers,
-                                     shuffle_buffer=t.shuffle_buffer, order=t.data_order)
+                                     shuffle_buffer=t.shuffle_buffer, order=t.data_order, mix=t.dataset_weights)
     G = manifest["group_size"]
     shape = tuple(manifest["generator"]["latent_shape"])
     lora = t.lora_rank > 0

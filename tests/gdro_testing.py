@@ -33,23 +33,22 @@ def transformer_weights(folder: Path) -> dict[str, torch.Tensor]:
 def check_cached_reference_errors(dataset: Path, velocity, group_size: int) -> int:
     """Recompute every cached reference error of a dataset (stored latents and embeddings, the recorded t and
     noise seed) with `velocity(x, t, cond)` and compare (rtol 1e-5); returns how many (group, draw) were checked."""
-    import json
 
     import numpy as np
 
     from pipeline.backends.base import Conditioning
     from pipeline.flow import flow_errors
     from schemas import layout
-    from schemas.manifest import decode_group, iter_tar_groups
+    from schemas.manifest import array_dtypes, decode_group, iter_tar_groups, load_manifest
     from schemas.seeds import noise_for
 
-    m = json.loads((Path(dataset) / "manifest.json").read_text())
+    m = load_manifest(Path(dataset))
     shape = tuple(m["generator"]["latent_shape"])
     checked = 0
     with torch.no_grad():
         for sh in m["shards"]:
             for key, raw in iter_tar_groups(Path(dataset) / sh["tar"]):
-                rec, arrays = decode_group(key, raw, sh["tar"])
+                rec, arrays = decode_group(key, raw, sh["tar"], array_dtypes(m))
                 x0 = torch.from_numpy(arrays[layout.LATENTS_MEMBER])
                 cond = Conditioning(torch.from_numpy(arrays[layout.PROMPT_EMBEDS_MEMBER])[None],
                                     torch.from_numpy(arrays[layout.POOLED_EMBEDS_MEMBER])[None])

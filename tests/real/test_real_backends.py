@@ -102,7 +102,7 @@ def world(request, tmp_path_factory):
 
 def test_rollouts_write_vae_latents_and_embeddings(world):
     from schemas import layout
-    from schemas.manifest import decode_group, iter_tar_groups, verify_dataset
+    from schemas.manifest import array_dtypes, decode_group, iter_tar_groups, verify_dataset
 
     kind, k = world["kind"], KINDS[world["kind"]]
     assert verify_dataset(world["dataset"]) == []
@@ -111,11 +111,12 @@ def test_rollouts_write_vae_latents_and_embeddings(world):
     assert gen["backend"] == kind and gen["latent_shape"] == [4, 16, 16]  # 32 px through a 2x VAE
     assert gen["guidance_mode"] == ("cfg" if kind == "sd3" else "embedded")
     assert m["sampler"]["guidance"] == k["guidance"] and m["reference_cache"]["K"] == 2
+    assert (m["latents_dtype"], m["embeds_dtype"]) == ("bfloat16", "bfloat16")  # the GPU presets' storage
     assert "transformer/diffusion_pytorch_model.safetensors" in gen["weights_sha256"]
     groups = 0
     for sh in m["shards"]:
         for key, raw in iter_tar_groups(world["dataset"] / sh["tar"]):
-            rec, arrays = decode_group(key, raw, sh["tar"])
+            rec, arrays = decode_group(key, raw, sh["tar"], array_dtypes(m))
             assert arrays[layout.LATENTS_MEMBER].shape == (G, 4, 16, 16)
             assert arrays[layout.PROMPT_EMBEDS_MEMBER].shape == k["embeds"]
             assert arrays[layout.POOLED_EMBEDS_MEMBER].shape == k["pooled"]

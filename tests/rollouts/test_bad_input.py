@@ -72,7 +72,8 @@ def test_verify_names_a_truncated_shard_and_keeps_the_rest(small_dataset, tmp_pa
     r = subprocess.run([sys.executable, "-m", "pipeline.cli", "verify", str(ds)], capture_output=True, text=True,
                        timeout=120, check=False)
     assert r.returncode == 1
-    assert "BAD shard 000001" in r.stdout and "000000" not in r.stdout and "000002" not in r.stdout
+    assert "BAD shard 000001" in r.stdout and "shard 000000" not in r.stdout and "shard 000002" not in r.stdout
+    assert "truncated" in r.stdout  # the header scan names it, not only the checksum
     assert shard_files(ds) == before  # verify only reads
 
 

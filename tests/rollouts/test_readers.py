@@ -52,7 +52,7 @@ def test_shards_read_with_tarfile_numpy_and_pil(small_dataset):
             assert pe.ndim == 2 and pe.dtype == np.float32 and pooled.ndim == 1 and pooled.dtype == np.float32
             assert np.isfinite(lat).all()
             assert int(key) == rec["prompt_id"] and rec["key"] == key and len(rec["seeds"]) == G
-            assert rec["status"] == ["ok"] * G and rec["schema_version"] == 1
+            assert rec["status"] == ["ok"] * G and rec["schema_version"] == 2
             for m in range(G):
                 png = raw[f"{m}.png"]
                 assert hashlib.sha256(png).hexdigest() == rec["image_sha256"][m]
@@ -258,7 +258,7 @@ def test_verify_refuses_another_schema_version(small_dataset, tmp_path):
     root = copy_dataset(small_dataset, tmp_path / "ds")
     mpath = root / "manifest.json"
     m = json.loads(mpath.read_text())
-    m["schema_version"] = 2
+    m["schema_version"] = 99
     mpath.write_text(json.dumps(m))
     rc, out = _verify(root)
     assert rc != 0
