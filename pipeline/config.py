@@ -120,8 +120,9 @@ class RolloutsConfig:
     t_max: float = 1.0
     image_format: Literal["png", "webp"] = "png"  # png | webp (lossless)
     # the pipeline (pipeline/rollout_pipeline.py; the bytes never depend on these two): shards handed on to the
-    # writer thread while the next samples, each held in memory until written (0 = one shard after the other)
-    pipeline_depth: int = 1
+    # writer thread while the next samples, each held in memory until written (0 = one shard after the other;
+    # 2 absorbs shard-to-shard jitter between sampling and rewards: docs/benchmarks.md)
+    pipeline_depth: int = 2
     reward_workers: int = 1  # threads scoring beside sampling; per-image rewards (ocr, toy_*) split a shard
     # over them, the others get one call per shard on a thread of their own (0 = score in the sampling thread)
 
