@@ -123,7 +123,7 @@ def bench_rollouts(cfg: ExperimentConfig, n_prompts: int, dataset: Path) -> list
              "ours_label": "`gdro rollouts` shards (sum of stats seconds)", "plain_label": "prompt-by-prompt loop, images only"}]
     for phase in ("sampling", "rewards", "reference_cache", "writing"):
         share = sum(st.timings.get(phase, 0.0) for st in stats) / ours
-        rows.append({"name": f"rollouts wall-time share: {phase}", "share": share})
+        rows.append({"name": f"rollouts wall-time share: {phase} (pipelined phases overlap)", "share": share})
     rows.append({"name": "rollouts wall-time share: start-up and the rest", "share": 1 - in_shards / ours})
     return rows
 

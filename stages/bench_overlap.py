@@ -9,7 +9,7 @@ does), measured in one run on the same prompts, model and shards:
 - W, the pipelined `gdro rollouts` (the config's `rollouts.pipeline_depth`, `reward_workers`) with the reward at cost c, and
   W_seq the same with `pipeline_depth=0, reward_workers=0` (one shard after the other, as before the pipeline).
 Times are the shards' (sum of their stats files' `seconds`, the shard loop's wall time), without the one-off
-start-up. Goal: W <= 1.15 x max(S, R); strictly sequential work takes S + R = 2 max(S, R). The pipeline overlaps
+start-up, with one torch thread. Goal: W <= 1.15 x max(S, R); strictly sequential work takes S + R = 2 max(S, R). The pipeline overlaps
 whole shards, so the last shard's rewards and writing are not hidden: more shards per task bring W closer to
 max(S, R).
 """
@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pipeline.config import ExperimentConfig
 
@@ -34,8 +35,6 @@ def _shards_seconds(root: Path) -> float:
 
 
 def bench_overlap(cfg: ExperimentConfig, *, n_prompts: int = 64, prompts_per_shard: int = 4) -> list[dict]:
-    from pipeline.reward_scoring import RewardScorer
-    from pipeline.rewards import make_reward
     from stages.rollouts import main as rollouts
 
     r0 = cfg.rollouts
@@ -48,6 +47,21 @@ def bench_overlap(cfg: ExperimentConfig, *, n_prompts: int = 64, prompts_per_sha
         return _shards_seconds(out)
 
     piped = {"pipeline_depth": r0.pipeline_depth, "reward_workers": r0.reward_workers}  # the config's
+    threads = torch.get_num_threads()
+    # one torch thread, as on a GPU node where sampling leaves the cores to the rewards and the writer; and
+    # OpenMP's busy-waiting on a CPU shared with other jobs makes multi-threaded runs vary several-fold
+    torch.set_num_threads(1)
+    try:
+        return _measure(cfg, run, piped, n_prompts, prompts_per_shard, images)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(cfg: ExperimentConfig, run, piped: dict, n_prompts: int, prompts_per_shard: int, images: int) -> list:
+    from pipeline.reward_scoring import RewardScorer
+    from pipeline.rewards import make_reward
+
+    r0 = cfg.rollouts
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         sampling = run(tmp / "sampling", 0.0, **piped)
