@@ -60,6 +60,11 @@ def _merge(rewards: list[Reward], results: list[tuple[list, list]]) -> tuple[dic
     return scores, errors
 
 
+def score(rewards: list[Reward], images: np.ndarray, prompts: list[str], metas: list[dict]) -> tuple[dict, list]:
+    """Every reward on every image, in the caller: ({name: [score or None]}, [[error strings] per image])."""
+    return _merge(rewards, [_call(rw, images, prompts, metas) for rw in rewards])
+
+
 class Scoring:
     """One shard's scoring in progress: `result()` -> (scores, errors, seconds from the first call's start to
     the last one's end), waiting for the worker threads if there are any."""

@@ -104,6 +104,9 @@ def test_scorer_splits_only_per_image_rewards():
         got = threads.submit(images, texts, metas).result()[:2]
     assert got == want
     assert sorted(calls["per"]) == [2, 4, 4] and calls["whole"] == [10]
+    from pipeline.reward_scoring import score
+
+    assert score(rewards, images, texts, metas) == want  # the one-call form (no threads) is the same
 
 
 def test_pipeline_holds_at_most_depth_shards_and_keeps_their_order():
