@@ -12,7 +12,7 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 PRESET ?= toy
 ARGS ?=
 
-.PHONY: help setup lint test test-fast rollouts train eval bench toy-base toy-samples prompts clean \
+.PHONY: help setup lint test test-fast rollouts train eval bench bench-gpu toy-base toy-samples prompts clean \
 	slurm-rollouts slurm-train slurm-eval slurm-all slurm-up slurm-down hack-demo toy-check ceiling
 
 help: ## list the targets
@@ -70,6 +70,10 @@ slurm-down: ## stop the local Slurm started by slurm-up (by its pid files)
 
 bench: setup ## benchmarks, written as a table to bench/out/
 	$(BIN)/gdro bench $(ARGS)
+
+BENCH_GPU_LIMIT ?= 15m
+bench-gpu: setup ## full-size SD3.5-Medium benchmark on one GPU (random weights; refuses without CUDA; stopped after BENCH_GPU_LIMIT)
+	timeout --signal=INT --kill-after=60s $(BENCH_GPU_LIMIT) $(BIN)/gdro bench --full-size $(ARGS)
 
 toy-base: setup ## re-train the shipped toy base model (about an hour on 2 CPU cores)
 	$(BIN)/gdro toy pretrain --set out=models/toy-base $(ARGS)

@@ -249,9 +249,25 @@ def eval_(preset, files, overrides):
 @config_options
 @click.option("--out", default="bench/out", show_default=True, type=click.Path(file_okay=False))
 @click.option("--repeats", default=3, show_default=True, help="Timed repeats per case (best is kept).")
-def bench(preset, files, overrides, out, repeats):
-    """Benchmarks, ours vs. the plain alternative in one run: rollouts, training step vs. bare PyTorch, data
-    share, cached vs. live reference, shard reading (writes its own small dataset). Writes OUT/results.md."""
+@click.option("--full-size", is_flag=True, help="The SD3.5-Medium benchmark for one GPU (random weights, nothing "
+              "downloaded; refuses without CUDA): writes OUT/full_size.md. Ignores the config options.")
+@click.option("--reduced", is_flag=True, help="With --full-size: the same at reduced depth and width on any device "
+              "(the CPU smoke run); writes OUT/full_size_reduced.md.")
+@click.option("--peak-tflops", type=float, default=None, help="With --full-size: the device's dense bf16 peak, "
+              "TFLOP/s (default: looked up by device name).")
+@click.option("--work", type=click.Path(file_okay=False), default=None,
+              help="With --full-size: where its temporary model (5 GB), dataset and runs go (default: $TMPDIR).")
+def bench(preset, files, overrides, out, repeats, full_size, reduced, peak_tflops, work):
+    """Benchmarks, ours vs. the plain alternative in one run: rollouts, their overlap with rewards, training step
+    vs. bare PyTorch, data share, cached vs. live reference, shard reading (writes its own small dataset).
+    Writes OUT/results.md. --full-size: SD3.5-Medium on one GPU (stages/bench_full.py)."""
+    if reduced and not full_size:
+        raise GdroError("--reduced goes with --full-size (gdro bench --full-size --reduced)")
+    if full_size:
+        from stages.bench_full import main as run_full
+
+        run_full(reduced=reduced, out=Path(out), peak_tflops=peak_tflops, work=Path(work) if work else None)
+        return
     cfg = _experiment(preset, files, overrides, show=False)
     from stages.bench import main as run
 

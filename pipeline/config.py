@@ -111,7 +111,8 @@ class RolloutsConfig:
     # det_model_dir, rec_model_dir, det_model_name, rec_model_name (PaddleOCR folders)}; clip_score {model, pretrained
     # (file or local-dir:<folder>), model_config, quick_gelu, batch_size, device}; aesthetic {the same + head (LAION
     # predictor file)}; pickscore {path, processor_path, batch_size, device}; geneval {detector (module:function),
-    # detector_params, score: partial | strict, threshold, counting_threshold, position_threshold}; or
+    # detector_params, score: partial | strict, threshold, counting_threshold, position_threshold}; timed
+    # {seconds_per_image} (a scorer of set cost, for benchmarks); or
     # "module:function" for your own scorer. Paths are local only; see README "Rewards" and pipeline/rewards/
     ref_cache_k: int = 2  # K cached reference draws per group (t_k, noise seed); 0 disables the cache
     t_law: TLaw = "uniform"  # law of t for the cache draws: uniform | logit_normal
@@ -123,14 +124,21 @@ class RolloutsConfig:
     latents_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # storage of the latents (bfloat16:
     # .npy uint16 of the bit patterns); stage two trains on them as float32 either way (docs/storage.md)
     embeds_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # storage of the prompt embeddings
+    # the pipeline (pipeline/rollout_pipeline.py; the bytes never depend on these two): shards handed on to the
+    # writer thread while the next samples, each held in memory until written (0 = one shard after the other;
+    # 2 absorbs shard-to-shard jitter between sampling and rewards: docs/benchmarks.md)
+    pipeline_depth: int = 2
+    reward_workers: int = 1  # threads scoring beside sampling; per-image rewards (ocr, toy_*) split a shard
+    # over them, the others get one call per shard on a thread of their own (0 = score in the sampling thread)
 
     def check(self, key: str) -> None:
         for name in ("group_size", "prompts_per_shard", "batch_size"):
             _positive(f"{key}{name}", getattr(self, name))
         if self.group_size < 2:
             raise GdroError(f"{key}group_size must be >= 2 (a group needs members to compare), got {self.group_size}")
-        if self.num_prompts < 0 or self.ref_cache_k < 0:
-            raise GdroError(f"{key}num_prompts and {key}ref_cache_k must be >= 0")
+        for name in ("num_prompts", "ref_cache_k", "pipeline_depth", "reward_workers"):
+            if getattr(self, name) < 0:
+                raise GdroError(f"{key}{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.t_min < self.t_max <= 1.0:
             raise GdroError(f"{key}t_min/t_max must satisfy 0 <= t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
         if not self.rewards:
@@ -155,7 +163,7 @@ class TrainConfig:
     loss: str = "dgpo"  # dgpo | gdro-ce | gdro-pl | dpo | raft (see pipeline/losses.py)
     reward_weights: dict[str, float] = field(default_factory=lambda: {"toy_geneval": 1.0})  # raw reward -> weight
     beta: float = 500.0  # implicit-reward scale: rho = -beta (L - Lref)
-    adv_scope: Literal["group", "batch"] = "group"  # std of the advantages over the group | batch
+    adv_scope: Literal["group", "batch"] = "group"  # std of the advantages over the group | the global batch (all ranks)
     adv_clip: float = 5.0  # |A| <= adv_clip
     tau: float = 1.0  # gdro-ce target temperature
     kl_beta: float = 0.0  # weight of ||v_theta - v_ref||^2 (needs a live reference, not the cache)

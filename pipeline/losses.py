@@ -35,15 +35,28 @@ class LossOutput:
     signal: torch.Tensor  # [N] bool: groups with reward spread
 
 
-def advantages(rewards: torch.Tensor, *, scope: str = "group", clip: float = 5.0) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_std(rewards: torch.Tensor, sum_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """The population std of every reward of the global batch, in float64. `sum_ranks` sums a tensor over the
+    ranks (an all-reduce); two passes (mean, then squared deviations) as `Tensor.std` does, so the statistic of
+    4 ranks x 2 groups is that of 1 process with 8 up to rounding. None: this process holds the whole batch."""
+    sum_ranks = sum_ranks or (lambda x: x)
+    r = rewards.double()
+    count_sum = sum_ranks(torch.stack([torch.tensor(float(r.numel()), dtype=torch.float64, device=r.device), r.sum()]))
+    mean = count_sum[1] / count_sum[0]
+    return (sum_ranks((r - mean).pow(2).sum().reshape(1))[0] / count_sum[0]).sqrt()
+
+
+def advantages(rewards: torch.Tensor, *, scope: str = "group", clip: float = 5.0,
+               std: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(A [N, G], signal [N]): group-mean-centred rewards over the group's std ("group") or the batch's std
-    ("batch"; Flow-GRPO's global std), population std, clipped to +-clip; zero-spread groups get A = 0."""
+    ("batch"; Flow-GRPO's global std: `std` from `batch_std` over all ranks, else this batch's), population std,
+    clipped to +-clip; zero-spread groups get A = 0."""
     r = rewards.double()
     centred = r - r.mean(1, keepdim=True)
     if scope == "group":
         std = r.std(1, unbiased=False, keepdim=True)
     elif scope == "batch":
-        std = r.std(unbiased=False).expand(r.shape[0], 1)
+        std = (batch_std(r) if std is None else std.double()).reshape(1, 1).expand(r.shape[0], 1)
     else:
         raise ValueError(f"advantage scope must be 'group' or 'batch', got {scope!r}")
     signal = (r.max(1).values - r.min(1).values) > SPREAD_TOL
@@ -102,11 +115,13 @@ NEEDS_REFERENCE = {"dgpo", "gdro-ce", "gdro-pl", "dpo"}
 
 
 def group_loss(name: str, policy_err: torch.Tensor, ref_err: torch.Tensor | None, rewards: torch.Tensor, *,
-               beta: float, adv_scope: str = "group", adv_clip: float = 5.0, tau: float = 1.0) -> LossOutput:
-    """One entry point for every loss: [N, G] errors and rewards in, a scalar loss and diagnostics out."""
+               beta: float, adv_scope: str = "group", adv_clip: float = 5.0, tau: float = 1.0,
+               adv_std: torch.Tensor | None = None) -> LossOutput:
+    """One entry point for every loss: [N, G] errors and rewards in, a scalar loss and diagnostics out.
+    `adv_std`: the global batch's std for adv_scope="batch" (`batch_std` with an all-reduce), else this batch's."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; known: {', '.join(LOSSES)}")
-    adv, signal = advantages(rewards, scope=adv_scope, clip=adv_clip)
+    adv, signal = advantages(rewards, scope=adv_scope, clip=adv_clip, std=adv_std)
     ref = ref_err if ref_err is not None else policy_err.detach()
     rho = implicit_rewards(policy_err, ref, beta)
     loss = LOSSES[name](rho, adv, signal, rewards, tau=tau, policy_err=policy_err)

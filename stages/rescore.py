@@ -21,6 +21,7 @@ from tqdm import tqdm
 from pipeline.dataset_identity import code_version, record_identity, shard_is_complete
 from pipeline.errors import GdroError
 from pipeline.remote import is_url, mirror
+from pipeline.reward_scoring import score  # one scoring rule (a failing image fails its row, never the shard)
 from pipeline.rewards import make_reward, reward_identity
 from pipeline.shard_writer import write_shard
 from schemas import SCHEMA_VERSION, layout
@@ -35,7 +36,6 @@ from schemas.manifest import (
 )
 from schemas.records import sha256_file
 from schemas.scan import manifest_problem, scan_dataset
-from stages.rollouts import _score  # one scoring rule (a failing image fails its row, never the shard)
 
 ASSEMBLED = ("fingerprint", "code_version", "library_versions", "member_names", "totals", "shards")
 
@@ -84,7 +84,7 @@ def rescore_shard(index: int, parent_root: Path, parent: dict, out: Path, reward
     for key, raw in iter_tar_groups(parent_root / sh["tar"]):
         rec, decoded = decode_group(key, raw, sh["tar"], array_dtypes(parent))
         images = np.stack([decoded[layout.image_member(i, ext)] for i in range(rec.group_size)])
-        scores, errors = _score([reward], images, [rec.prompt] * rec.group_size, [rec.metadata] * rec.group_size)
+        scores, errors = score([reward], images, [rec.prompt] * rec.group_size, [rec.metadata] * rec.group_size)
         errs = ["; ".join([e for e in (old, *new) if e]) for old, new in zip(rec.errors, errors)]
         rec = replace(rec, rewards={**rec.rewards, reward.name: scores[reward.name]}, errors=errs,
                       status=["error" if e else "ok" for e in errs], schema_version=SCHEMA_VERSION)

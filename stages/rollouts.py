@@ -2,8 +2,12 @@
 
 setup (config, fingerprint check, task's shards, leftovers removed) -> for each pending shard: sample, decode,
 score, cache reference errors, write tar + parquet under temporary names, rename, write stats last ->
-assemble the manifest when every shard is done. Restarting skips finished shards, so preemption costs at most
-one shard of work per task, and the bytes never depend on how many tasks ran or where.
+assemble the manifest when every shard is done. Pipelined (`pipeline/rollout_pipeline.py`): the rewards score
+shard k on worker threads (`rollouts.reward_workers`) while this thread caches its reference errors and samples
+shard k+1, and a writer thread encodes and writes shard k (`rollouts.pipeline_depth` shards in flight; 0: all
+in this thread, one shard after the other). Restarting skips finished shards, so preemption costs at most the
+depth + 1 shards in flight per task, and the bytes never depend on how many tasks ran or where, nor on the
+pipeline's depth or workers.
 """
 from __future__ import annotations
 
@@ -22,7 +26,9 @@ from pipeline.distributed import task_from_env
 from pipeline.errors import GdroError
 from pipeline.flow import flow_errors, sample_t
 from pipeline.prompt_files import load_prompts
-from pipeline.rewards import Reward, make_reward
+from pipeline.reward_scoring import RewardScorer, Scoring
+from pipeline.rewards import make_reward
+from pipeline.rollout_pipeline import ShardPipeline
 from pipeline.sampling import sample, uses_cfg
 from pipeline.shard_writer import write_shard
 from schemas import layout
@@ -41,6 +47,20 @@ class Plan:
     fingerprint: str
 
 
+@dataclass
+class Sampled:
+    """A shard after the sampling thread's part, handed to the writer: what its records and members are made of."""
+    index: int
+    ids: list[int]
+    metas: list[dict]
+    texts: list[str]
+    seeds: list[list[int]]
+    latents: torch.Tensor
+    images: np.ndarray
+    cond: Conditioning
+    ref: tuple | None  # (t [groups, K], noise seeds, errors [groups, K, G]) when rollouts.ref_cache_k > 0
+
+
 def plan(cfg: ExperimentConfig) -> Plan:
     r = cfg.rollouts
     prompts = load_prompts(r.prompts)
@@ -51,38 +71,6 @@ def plan(cfg: ExperimentConfig) -> Plan:
     root = Path(r.out)
     fingerprint = prepare_folder(root, cfg, prompts)
     return Plan(cfg, root, prompts, layout.num_shards(len(prompts), r.prompts_per_shard), fingerprint)
-
-
-def _score(rewards: list[Reward], images: np.ndarray, prompts: list[str], metas: list[dict]):
-    """Every reward on every image. A reward that raises is retried image by image, so one bad image costs
-    one row's status, never the shard."""
-    n = len(images)
-    scores = {rw.name: [None] * n for rw in rewards}
-    errors = [[] for _ in range(n)]
-    for rw in rewards:
-        try:
-            values, _info = rw.fn(images, prompts, metas)
-            values = np.asarray(values, dtype=np.float64).reshape(-1)
-            if values.shape[0] != n:
-                raise GdroError(f"reward {rw.name} returned {values.shape[0]} scores for {n} images")
-            per_image = list(values)
-        except GdroError:
-            raise
-        except Exception:  # noqa: BLE001  a user scorer may raise anything: isolate the failing image(s)
-            per_image = []
-            for i in range(n):
-                try:
-                    per_image.append(float(np.asarray(rw.fn(images[i:i + 1], prompts[i:i + 1], metas[i:i + 1])[0])
-                                           .reshape(-1)[0]))
-                except Exception as e:  # noqa: BLE001  recorded in the row, not raised
-                    per_image.append(None)
-                    errors[i].append(f"{rw.name}: {type(e).__name__}: {e}")
-        for i, v in enumerate(per_image):
-            if v is not None and not np.isfinite(v):
-                errors[i].append(f"{rw.name}: non-finite score {v}")
-                v = None
-            scores[rw.name][i] = None if v is None else float(v)
-    return scores, errors
 
 
 def _as_stored(x: torch.Tensor, dtype: str) -> torch.Tensor:
@@ -119,7 +107,10 @@ def _reference_errors(backend, latents: torch.Tensor, cond: Conditioning, metas_
     return ts, seeds, errs
 
 
-def generate_shard(index: int, p: Plan, backend, rewards: list[Reward], task_id: int, bar: tqdm) -> ShardStats:
+def generate_shard(index: int, p: Plan, backend, scorer: RewardScorer, pipe: ShardPipeline, task_id: int, bar: tqdm,
+                   report=None) -> None:
+    """This thread's part of a shard (the accelerator's work): sample, decode, cache the reference errors; the
+    rewards score meanwhile on `scorer`; then `pipe` finishes it (`_finish_shard`) while the next one samples."""
     cfg, r = p.cfg, p.cfg.rollouts
     t0 = time.time()
     g = r.group_size
@@ -144,14 +135,27 @@ def generate_shard(index: int, p: Plan, backend, rewards: list[Reward], task_id:
     latents = _as_stored(latents, r.latents_dtype)  # the cache is of what stage two reads back, not of more
     cond = Conditioning(_as_stored(cond.prompt_embeds, r.embeds_dtype), _as_stored(cond.pooled_embeds, r.embeds_dtype))
     timings["sampling"], mark = time.time() - mark, time.time()
-    scores, errors = _score(rewards, images, [texts[gi] for gi, _ in flat], [metas[gi] for gi, _ in flat])
+    scoring = scorer.submit(images, [texts[gi] for gi, _ in flat], [metas[gi] for gi, _ in flat])
+    ref = _reference_errors(backend, latents, cond, ids, cfg) if r.ref_cache_k else None
+    timings["reference_cache"] = time.time() - mark
+    shard = Sampled(index, ids, metas, texts, seeds, latents, images, cond, ref)
+    pipe.submit(_finish_shard, p, shard, scoring, pipe, task_id, t0, timings, report)
+
+
+def _finish_shard(p: Plan, shard: Sampled, scoring: Scoring, pipe: ShardPipeline, task_id: int, t0: float,
+                  timings: dict, report) -> ShardStats:
+    """The writer's part: the rewards' scores, the groups' records and members, the files (`_write_shard`)."""
+    r = p.cfg.rollouts
+    g = r.group_size
+    index, ids, metas, texts, seeds = shard.index, shard.ids, shard.metas, shard.texts, shard.seeds
+    latents, images, cond = shard.latents, shard.images, shard.cond
+    scores, errors, timings["rewards"] = scoring.result()
     finite = torch.isfinite(latents).flatten(1).all(1)
     for i in np.nonzero(~finite.numpy())[0]:
         errors[i].append("sampler: non-finite latents")
-    timings["rewards"], mark = time.time() - mark, time.time()
     if r.ref_cache_k:
-        ref_t, ref_seeds, ref_err = _reference_errors(backend, latents, cond, ids, cfg)
-    timings["reference_cache"], mark = time.time() - mark, time.time()
+        ref_t, ref_seeds, ref_err = shard.ref
+    mark = time.time()
     records, samples = [], []
     for gi, pid in enumerate(ids):
         key = layout.group_key(pid)
@@ -178,7 +182,12 @@ def generate_shard(index: int, p: Plan, backend, rewards: list[Reward], task_id:
         for m, data in enumerate(pngs):
             sample_[layout.image_member(m, ext)] = data
         samples.append(sample_)
-    return _write_shard(index, p, records, samples, task_id, t0, timings, mark)
+    # the shard's share of the task's wall time: from the previous shard's end (or its own start) to its end
+    since = max(t0, pipe.last_finished or t0)
+    stats = _write_shard(index, p, records, samples, task_id, since, timings, mark)
+    if report is not None:
+        report(stats)
+    return stats
 
 
 def _write_shard(index: int, p: Plan, records, samples, task_id: int, t0: float, timings: dict,
@@ -209,11 +218,18 @@ def main(cfg: ExperimentConfig, *, task_id: int | None = None, num_tasks: int | 
         bar = tqdm(total=sum(per_shard) * cfg.rollouts.group_size, desc=f"rollouts task {task_id}", unit="img",
                    dynamic_ncols=True)
         t0 = time.time()
-        for s, n_groups in zip(pending, per_shard):
-            stats = generate_shard(s, p, backend, rewards, task_id, bar)
-            done_groups = bar.n / cfg.rollouts.group_size
-            bar.set_postfix(shard=stats.shard, groups_s=f"{done_groups / (time.time() - t0):.2f}",
+        written = [0]
+
+        def report(stats: ShardStats) -> None:  # on the writer thread, after each shard's stats file
+            written[0] += stats.groups
+            bar.set_postfix(shard=stats.shard, groups_s=f"{written[0] / (time.time() - t0):.2f}",
                             failed=stats.failed_images)
+
+        with RewardScorer(rewards, cfg.rollouts.reward_workers) as scorer, \
+                ShardPipeline(cfg.rollouts.pipeline_depth) as pipe:
+            for s in pending:
+                generate_shard(s, p, backend, scorer, pipe, task_id, bar, report)
+            pipe.drain()
         bar.close()
     return _assemble(p, require=False)
 

@@ -26,7 +26,7 @@ from pipeline.ema import WeightEMA
 from pipeline.errors import GdroError
 from pipeline.eval.selection import Selector
 from pipeline.flow import error_weight, flow_errors, sample_t
-from pipeline.losses import NEEDS_REFERENCE, group_loss, kl_penalty, pairwise_accuracy
+from pipeline.losses import NEEDS_REFERENCE, batch_std, group_loss, kl_penalty, pairwise_accuracy
 from pipeline.preemption import Preemption, requeue_on_preemption
 from pipeline.train_data import check_datasets, group_batches
 from schemas.seeds import noise_for
@@ -91,6 +91,13 @@ def _averaged_groups(loss: str, out_) -> torch.Tensor:
     """[N] bool: the groups `loss` is a mean over (pipeline/losses.py): raft every group, the others those with
     reward spread."""
     return torch.ones_like(out_.signal) if loss == "raft" else out_.signal
+
+
+def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    dist.all_reduce(x)
+    return x
 
 
 def _frozen_copy(model: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
@@ -230,8 +237,10 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
             valid = batch["valid"].to(device)
             rewards = torch.where(valid.unsqueeze(1), rewards, torch.zeros_like(rewards))  # invalid: no spread, no signal
             w = error_weight(tt, t.error_param).to(device).unsqueeze(1)  # the same factor for policy and reference
+            # adv_scope=batch: the std over every image of the global batch, all ranks (as DGPO's and Flow-GRPO's code)
+            adv_std = batch_std(rewards.float(), _sum_over_ranks) if t.adv_scope == "batch" else None
             out_ = group_loss(t.loss, err.view(n, G) * w, ref_err * w if ref_err is not None else None, rewards.float(),
-                              beta=t.beta, adv_scope=t.adv_scope, adv_clip=t.adv_clip, tau=t.tau)
+                              beta=t.beta, adv_scope=t.adv_scope, adv_clip=t.adv_clip, tau=t.tau, adv_std=adv_std)
             # The losses average over this rank's groups with signal, and DeepSpeed averages gradients over ranks: with
             # unequal counts per rank that is not the mean over the global batch. Scaling by count x world / global
             # count makes it exactly that mean (what one process with the whole global batch computes), whatever the

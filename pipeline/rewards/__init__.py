@@ -4,11 +4,15 @@
 Heavy imports live inside each factory. A user scorer is `module:function` (a factory taking the params).
 Register a new reward with `@register_reward("name", version="1")`: one function, no edits elsewhere. A
 `describe(**params) -> params` given to `register_reward` resolves what the manifest records without loading a
-model (the OCR engine actually used and its version, say). Every reward's parameters are set under
+model (the OCR engine actually used and its version, say). `per_image=True` declares that an image's score
+does not depend on the other images of the call (a loop over images, not a batched model), so stage one may
+split a shard's call over `rollouts.reward_workers` threads with the same scores (a user scorer declares it
+with a `per_image = True` attribute on its factory). Every reward's parameters are set under
 `rollouts.rewards.<name>` and named `rollouts.rewards.<name>.<param>` in its errors.
 
 The registered rewards: `ocr` (`ocr.py`), `clip_score`, `aesthetic`, `pickscore` (`clip.py`),
 `geneval` (`geneval.py`), and
+`timed` (`timed.py`, a scorer of set cost for benchmarks), and
 the toy world's `toy_geneval`, `toy_strict`, `toy_quality`, `toy_color_area` (`pipeline/toy/plugins.py`).
 """
 from __future__ import annotations
@@ -32,6 +36,7 @@ class Reward:
     version: str
     params: dict[str, Any]
     fn: RewardFn
+    per_image: bool = False  # an image's score does not depend on the rest of the call: calls may be split
 
     def identity(self) -> dict:
         return {"name": self.name, "version": self.version, "params": self.params}
@@ -41,11 +46,13 @@ _FACTORIES: dict[str, tuple[Callable[..., RewardFn], str]] = {}
 _DESCRIBE: dict[str, Callable[..., dict]] = {}
 
 
-def register_reward(name: str, *, version: str = "1", describe: Callable[..., dict] | None = None):
+def register_reward(name: str, *, version: str = "1", describe: Callable[..., dict] | None = None,
+                    per_image: bool = False):
     def deco(factory):
         _FACTORIES[name] = (factory, version)
         if describe is not None:
             _DESCRIBE[name] = describe
+        factory.per_image = per_image
         return factory
 
     return deco
@@ -85,7 +92,7 @@ def make_reward(name: str, params: dict[str, Any] | None = None) -> Reward:
         fn = factory(**params)
     except TypeError as e:
         raise GdroError(f"rollouts.rewards.{name}: bad parameters {params} ({e})") from None
-    return Reward(name, version, _described(name, params), fn)
+    return Reward(name, version, _described(name, params), fn, per_image=bool(getattr(factory, "per_image", False)))
 
 
 def _resolve(name: str):
@@ -104,7 +111,7 @@ def _resolve(name: str):
 
 # The built-in rewards, registered when their modules are imported (nothing heavy at their top): ours here, and
 # the toy world's (`toy_*`), a plug-in named by its module so that this registry does not import the toy world.
-from . import clip, geneval, ocr  # noqa: F401
+from . import clip, geneval, ocr, timed  # noqa: F401
 
 PLUGINS = ("pipeline.toy.plugins",)
 for _plugin in PLUGINS:

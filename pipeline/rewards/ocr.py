@@ -160,7 +160,7 @@ def _paddleocr(det_model_dir: str, rec_model_dir: str, det_model_name: str, rec_
     return read
 
 
-@register_reward("ocr", version="1", describe=_describe)
+@register_reward("ocr", version="1", describe=_describe, per_image=True)
 def ocr(backend: str = "auto", min_confidence: float = 0.0, limit_side_len: int = 960,
         det_model_path: str = "", rec_model_path: str = "", det_model_dir: str = "", rec_model_dir: str = "",
         det_model_name: str = "PP-OCRv6_small_det", rec_model_name: str = "PP-OCRv6_small_rec"):

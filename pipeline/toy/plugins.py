@@ -28,7 +28,7 @@ class ToyVerifier:
         return verify(image, meta)[0].strict
 
 
-@register_reward("toy_geneval", version="1")
+@register_reward("toy_geneval", version="1", per_image=True)
 def toy_geneval():
     """GenEval rules on the toy world: score = partial credit; info['strict'] = GenEval's all-correct."""
     from .verifier import verify
@@ -41,7 +41,7 @@ def toy_geneval():
     return fn
 
 
-@register_reward("toy_strict", version="1")
+@register_reward("toy_strict", version="1", per_image=True)
 def toy_strict():
     """GenEval's strict all-correct (0/1) on the toy world."""
     from .verifier import verify
@@ -52,7 +52,7 @@ def toy_strict():
     return fn
 
 
-@register_reward("toy_quality", version="1")
+@register_reward("toy_quality", version="1", per_image=True)
 def toy_quality():
     """Out-of-domain image quality of toy scenes (shape fidelity x colour purity); never looks at the prompt."""
     from .verifier import parse
@@ -63,7 +63,7 @@ def toy_quality():
     return fn
 
 
-@register_reward("toy_color_area", version="1")
+@register_reward("toy_color_area", version="1", per_image=True)
 def toy_color_area():
     """DELIBERATELY EXPLOITABLE, for the reward-hacking demonstration (`make hack-demo`, docs/evaluation.md):
     the share of pixels whose nearest palette colour is one the prompt names (any palette colour if it names

@@ -95,24 +95,36 @@ def test_ranks_hold_unequal_signal_counts(dataset):
     assert unequal >= 2
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_two_ranks_train_like_one_process(zero_stage, one_process, dataset, tiny_toy_model, tmp_path):
+@pytest.fixture(scope="module")
+def one_process_batch_scope(dataset, tiny_toy_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one_process_batch_scope") / "run"
+    run(train_command(overrides(tiny_toy_model, dataset, out, f"train.groups_per_step={GLOBAL_GROUPS}",
+                                "train.adv_scope=batch")), out.parent / "log.txt")
+    return out
+
+
+# adv_scope=batch: the std of the advantages is over the whole global batch (all-reduced), so the two ranks'
+# advantages are those of the one process; with each rank's own std (the code before) the first step's gradient
+# norm is already 5e-3 off (relative; its loss is log 2 at any advantages, as policy = reference).
+@pytest.mark.parametrize(("zero_stage", "adv_scope"), [(2, "group"), (3, "group"), (2, "batch")])
+def test_two_ranks_train_like_one_process(zero_stage, adv_scope, request, dataset, tiny_toy_model, tmp_path):
+    one_run = request.getfixturevalue("one_process" if adv_scope == "group" else "one_process_batch_scope")
     out = tmp_path / "run"
     log = tmp_path / "log.txt"
     run(train_command(overrides(tiny_toy_model, dataset, out, f"train.groups_per_step={GLOBAL_GROUPS // RANKS}",
-                                f"train.zero_stage={zero_stage}"), nproc=RANKS), log)
+                                f"train.zero_stage={zero_stage}", f"train.adv_scope={adv_scope}"), nproc=RANKS), log)
     assert f"ZeRO-{zero_stage}, torch.float32, {RANKS} rank(s)" in log.read_text()
-    one, two = read_metrics(one_process), read_metrics(out)
+    one, two = read_metrics(one_run), read_metrics(out)
     assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, STEPS + 1))
     diffs = []
     for a, b in zip(one, two):
         diffs.append(abs(a["loss"] - b["loss"]) / abs(a["loss"]))
         assert b["loss"] == pytest.approx(a["loss"], rel=RTOL), a["step"]  # the global mean over both ranks
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=RTOL), a["step"]
-    print(f"ZeRO-{zero_stage}: max relative loss difference {max(diffs):.2e}")
+    print(f"ZeRO-{zero_stage}, adv_scope={adv_scope}: max relative loss difference {max(diffs):.2e}")
     assert one[-1]["loss"] < 0.5 * one[0]["loss"]  # the compared curves do move
     # the exported weights (ZeRO-3: gathered from both ranks' partitions) moved the same way
-    w0, w1, w2 = (transformer_weights(p) for p in (Path(tiny_toy_model), one_process / "export", out / "export"))
+    w0, w1, w2 = (transformer_weights(p) for p in (Path(tiny_toy_model), one_run / "export", out / "export"))
     assert w1.keys() == w2.keys()
     moved = sum(float((w1[k] - w0[k]).pow(2).sum()) for k in w1) ** 0.5
     apart = sum(float((w1[k] - w2[k]).pow(2).sum()) for k in w1) ** 0.5

@@ -419,3 +419,54 @@ def test_kl_penalty_manual():
     assert L.kl_penalty(a, b).item() == pytest.approx(total / count, rel=1e-5)
     assert L.kl_penalty(a, a).item() == 0.0
     assert L.kl_penalty(a.bfloat16(), b.bfloat16()).dtype == torch.float32
+
+
+def _threads_all_reduce(n_ranks: int):
+    """A stand-in all-reduce for `n_ranks` threads: each call returns the sum over the ranks' tensors."""
+    import threading
+
+    barrier = threading.Barrier(n_ranks)
+    slots: list = [None] * n_ranks
+
+    def make(rank: int):
+        def sum_ranks(x):
+            slots[rank] = x.clone()
+            barrier.wait()
+            total = sum(slots[1:], slots[0].clone())
+            barrier.wait()  # every rank has read the slots before the next call overwrites them
+            return total
+
+        return sum_ranks
+
+    return [make(r) for r in range(n_ranks)]
+
+
+def test_batch_std_over_ranks_is_the_concatenated_batchs():
+    """adv_scope=batch across ranks: 3 ranks holding 1, 2 and 3 groups get the population std of all 6 groups'
+    rewards, a hand computation over the concatenated batch, and the advantages one process gets from it."""
+    import threading
+
+    _, _, rewards = random_batch(6, 4, 11)
+    parts = [rewards[:1], rewards[1:3], rewards[3:]]
+    flat = [v for row in rows(rewards) for v in row]
+    mean = sum(flat) / len(flat)
+    want = math.sqrt(sum((v - mean) ** 2 for v in flat) / len(flat))
+    got = [None] * 3
+    reducers = _threads_all_reduce(3)
+
+    def rank(i):
+        got[i] = L.batch_std(parts[i], reducers[i])
+
+    threads = [threading.Thread(target=rank, args=(i,)) for i in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for g in got:
+        assert float(g) == pytest.approx(want, rel=1e-12)
+    # and each rank's advantages with the global std are the rows of the one-process advantages
+    one, _ = L.advantages(rewards, scope="batch")
+    per_rank = torch.cat([L.advantages(p, scope="batch", std=g)[0] for p, g in zip(parts, got)])
+    torch.testing.assert_close(per_rank, one, rtol=1e-12, atol=1e-12)
+    # a rank's own std (what adv_scope=batch took before) is not that
+    assert abs(float(L.batch_std(parts[0])) - want) > 1e-3
