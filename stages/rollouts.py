@@ -73,9 +73,13 @@ def plan(cfg: ExperimentConfig) -> Plan:
     return Plan(cfg, root, prompts, layout.num_shards(len(prompts), r.prompts_per_shard), fingerprint)
 
 
-def _as_stored(x: torch.Tensor, dtype: str) -> torch.Tensor:
-    """float32 values as stored in `dtype` and read back (bfloat16/float16 rounding; float32 unchanged)."""
-    return torch.from_numpy(from_storage(to_storage(x.float().cpu().numpy(), dtype), dtype, "rollouts"))
+def _as_stored(x: torch.Tensor, dtype: str, key: str) -> torch.Tensor:
+    """float32 values as stored in `dtype` and read back (bfloat16/float16 rounding; float32 unchanged). Called
+    before anything is written, so a value the dtype cannot hold stops the shard with the key to change."""
+    try:
+        return torch.from_numpy(from_storage(to_storage(x.float().cpu().numpy(), dtype), dtype, "rollouts"))
+    except ValueError as e:
+        raise GdroError(f"{key}={dtype}: {e}") from None
 
 
 def _reference_errors(backend, latents: torch.Tensor, cond: Conditioning, metas_ids: list[int], cfg) -> tuple:
@@ -132,8 +136,10 @@ def generate_shard(index: int, p: Plan, backend, scorer: RewardScorer, pipe: Sha
         latents[start:start + len(chunk)] = sample(backend, noise, c, sampler, null_cond=null).cpu()
         bar.update(len(chunk))
     images = backend.decode(latents)
-    latents = _as_stored(latents, r.latents_dtype)  # the cache is of what stage two reads back, not of more
-    cond = Conditioning(_as_stored(cond.prompt_embeds, r.embeds_dtype), _as_stored(cond.pooled_embeds, r.embeds_dtype))
+    # the cache is of what stage two reads back, not of more
+    latents = _as_stored(latents, r.latents_dtype, "rollouts.latents_dtype")
+    cond = Conditioning(_as_stored(cond.prompt_embeds, r.embeds_dtype, "rollouts.embeds_dtype"),
+                        _as_stored(cond.pooled_embeds, r.embeds_dtype, "rollouts.embeds_dtype"))
     timings["sampling"], mark = time.time() - mark, time.time()
     scoring = scorer.submit(images, [texts[gi] for gi, _ in flat], [metas[gi] for gi, _ in flat])
     ref = _reference_errors(backend, latents, cond, ids, cfg) if r.ref_cache_k else None

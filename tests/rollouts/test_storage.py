@@ -142,3 +142,16 @@ def test_gpu_presets_store_16_bit():
         r = resolve(ExperimentConfig, preset=preset).rollouts
         assert (r.latents_dtype, r.embeds_dtype) == ("bfloat16", "bfloat16"), preset
     assert resolve(ExperimentConfig, preset="toy").rollouts.latents_dtype == "float32"
+
+
+def test_float16_overflow_in_rollouts_is_one_line_naming_the_key():
+    """Stage one rounds latents to their storage before anything is written: a value float16 cannot hold stops
+    with a GdroError (one CLI line) that names the key to change, not a ValueError traceback."""
+    import torch
+
+    from pipeline.errors import GdroError
+    from stages.rollouts import _as_stored
+
+    with pytest.raises(GdroError, match=r"rollouts\.latents_dtype=float16: .*exceeds float16's range"):
+        _as_stored(torch.tensor([1.0, 7e4]), "float16", "rollouts.latents_dtype")
+    assert _as_stored(torch.tensor([1.0, 2.0]), "float16", "rollouts.latents_dtype").tolist() == [1.0, 2.0]
