@@ -136,12 +136,14 @@ class RolloutsConfig:
 class TrainConfig:
     dataset: str = "datasets/toy"  # a stage-one dataset folder (manifest.json); the only input of training
     out: str = "runs/toy"  # run folder: checkpoints/, metrics.jsonl, tensorboard/, export/, ... (pipeline/runs.py)
-    loss: str = "dgpo"  # dgpo | gdro-ce | gdro-pl | dpo | raft (see pipeline/losses.py)
+    loss: str = "dgpo"  # dgpo | gdro-ce | gdro-pl | dpo | raft | nft (see pipeline/losses.py; nft needs a live
+    # reference: auto picks lora or copy for it)
     reward_weights: dict[str, float] = field(default_factory=lambda: {"toy_geneval": 1.0})  # raw reward -> weight
     beta: float = 500.0  # implicit-reward scale: rho = -beta (L - Lref)
     adv_scope: Literal["group", "batch"] = "group"  # std of the advantages over the group | batch
     adv_clip: float = 5.0  # |A| <= adv_clip
     tau: float = 1.0  # gdro-ce target temperature
+    nft_beta: float = 1.0  # nft: DiffusionNFT's beta, v+ = beta v_theta + (1 - beta) v_old (arXiv 2509.16117)
     kl_beta: float = 0.0  # weight of ||v_theta - v_ref||^2 (needs a live reference, not the cache)
     reference: Literal["auto", "cache", "lora", "copy"] = "auto"  # auto (cache if the dataset has one, else lora if LoRA, else copy) | cache | lora | copy
     error_param: Literal["x0", "v"] = "x0"  # error in the implicit rewards: x0 (DGPO Eq. 17, = t^2 x the velocity error) | v
@@ -188,7 +190,7 @@ class TrainConfig:
 
         _choice(f"{key}loss", self.loss, tuple(LOSSES))
         for name in ("steps", "groups_per_step", "grad_accum", "lr", "save_every", "keep_checkpoints", "adv_clip",
-                     "tau"):
+                     "tau", "nft_beta"):
             _positive(f"{key}{name}", getattr(self, name))
         if self.beta <= 0 and self.loss != "raft":
             raise GdroError(f"{key}beta must be > 0 for loss {self.loss}, got {self.beta}")
