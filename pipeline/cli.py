@@ -67,6 +67,21 @@ def compare(preset, files, overrides, variants, out, ceiling, doc):
                    Path(doc) if doc else None))
 
 
+@cli.command("online")
+@config_options
+def online(preset, files, overrides):
+    """A BASELINE for comparison, not a product recipe: online DGPO, DiffusionNFT or Flow-GRPO (online.method)
+    sampling from the current policy every iteration, on the product's model, prompts and rewards; writes
+    online.out/{curve.jsonl, result.json, export/}."""
+    cfg = _experiment(preset, files, overrides)
+    from stages.baselines.online import main as run
+
+    res = run(cfg)
+    last = res["curve"][-1]
+    click.echo(f"{res['method']}: {res['iterations']} iterations, {res['wall_s']:.0f} s, {res['images']} images; "
+               f"{res['target']} {res['curve'][0][res['target']]:.3f} -> {last[res['target']]:.3f}")
+
+
 # ------------------------------------------------------------------------------------------------ config
 @cli.group()
 def config():

@@ -264,6 +264,41 @@ class EvalConfig:
 
 
 @dataclass
+class OnlineConfig:
+    """The online baselines (stages/baselines/, `gdro baselines run`): kept for comparison, not product recipes.
+    Each iteration samples from the current policy, scores, and updates; the model, prompt pool (rollouts.prompts,
+    rollouts.num_prompts), group size, rewards (train.reward_weights over rollouts.rewards), beta, adv_clip, lr
+    and the evaluation (eval.*) are the product's keys, so every method runs on the same task."""
+    method: Literal["dgpo", "nft", "flow-grpo"] = "dgpo"  # dgpo: DGPO's online loop (ODE rollouts, shared (t, eps)
+    # per group, frozen reference + KL) | nft: DiffusionNFT (ODE rollouts, the sampling model as v_old) | flow-grpo:
+    # SDE rollouts with per-step log-probabilities, clipped ratio, KL (arXiv 2505.05470)
+    out: str = "runs/online"  # folder: config.json, curve.jsonl (one evaluation a line), result.json, export/
+    iterations: int = 40  # sample -> score -> update rounds
+    groups: int = 8  # prompts (groups of rollouts.group_size images) sampled per iteration
+    updates: int = 1  # optimiser steps per iteration: dgpo/nft a fresh (t, eps) per group each; flow-grpo the
+    # iteration's groups split into this many minibatches (the ratio is 1 on the first only)
+    lr: float = 0.0  # AdamW learning rate; 0 = train.lr
+    seed: int = 0  # prompts drawn and initial noises: sha256(seed, iteration, slot, member)
+    eval_every: int = 10  # iterations between evaluations (also at 0 and at the end); wall-clock excludes them
+    eval_num_prompts: int = 0  # first N lines of eval.prompts (eval.base_seed noise, eval.seeds images); 0 = eval.num_prompts
+    dgpo_t_min: float = 0.66  # DGPO's timestep clip t ~ U[t_min, t_max] (the DGPO code's 7 of 10 steps at shift 3)
+    dgpo_t_max: float = 1.0
+    dgpo_kl_beta: float = 2.0  # DGPO's KL weight, its code's 0.02 in gdro's scale (x 100, as pipeline/presets/sd35_ocr.yaml)
+    grpo_noise_level: float = 0.7  # Flow-GRPO's a: the SDE's std_dev_t = a sqrt(t / (1 - t)) (flow_grpo's default)
+    grpo_clip_range: float = 1e-4  # Flow-GRPO's ratio clip epsilon (flow_grpo's default)
+    grpo_kl_beta: float = 0.04  # Flow-GRPO's KL weight on the steps' Gaussian means (flow_grpo's default)
+
+    def check(self, key: str) -> None:
+        for name in ("iterations", "groups", "updates", "eval_every", "grpo_noise_level", "grpo_clip_range"):
+            _positive(f"{key}{name}", getattr(self, name))
+        if self.lr < 0 or self.eval_num_prompts < 0 or self.dgpo_kl_beta < 0 or self.grpo_kl_beta < 0:
+            raise GdroError(f"{key}lr, {key}eval_num_prompts, {key}dgpo_kl_beta and {key}grpo_kl_beta must be >= 0")
+        if not 0.0 <= self.dgpo_t_min < self.dgpo_t_max <= 1.0:
+            raise GdroError(f"{key}dgpo_t_min/dgpo_t_max must satisfy 0 <= t_min < t_max <= 1, got "
+                            f"{self.dgpo_t_min}, {self.dgpo_t_max}")
+
+
+@dataclass
 class SlurmConfig:
     """How `gdro submit` renders the sbatch templates (cluster/*.sbatch) for a site."""
     partition: str = ""  # --partition; "" = the cluster's default partition
@@ -312,6 +347,7 @@ class ExperimentConfig:
     rollouts: RolloutsConfig = field(default_factory=RolloutsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)  # the online baselines only (stages/baselines/)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
@@ -494,6 +530,7 @@ __all__ = [
     "EvalConfig",
     "ExperimentConfig",
     "ModelConfig",
+    "OnlineConfig",
     "RolloutsConfig",
     "SamplerConfig",
     "SlurmConfig",
