@@ -67,6 +67,24 @@ def compare(preset, files, overrides, variants, out, ceiling, doc):
                    Path(doc) if doc else None))
 
 
+@cli.command("rounds")
+@config_options
+@click.option("--rounds", "n_rounds", default=3, show_default=True, help="Rounds of rollouts -> train -> eval.")
+@click.option("--out", default="runs/rounds", show_default=True, type=click.Path(file_okay=False),
+              help="One folder per round (round_K/{dataset, run, eval}), summary.md and summary.png.")
+def rounds(preset, files, overrides, n_rounds, out):
+    """Rounds: rollouts from the current model -> train -> export -> eval, N times (round 1 = the offline run).
+
+    \b
+    Each round samples from the previous round's export; its manifest records the lineage. Rerun the same
+    command to resume a killed chain where it stopped (finished rounds, shards and checkpoints are kept).
+    """
+    cfg = _experiment(preset, files, overrides)
+    from stages.rounds import main as run
+
+    click.echo(run(cfg, rounds=n_rounds, out=Path(out)))
+
+
 @cli.command("online")
 @config_options
 def online(preset, files, overrides):

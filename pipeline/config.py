@@ -118,6 +118,9 @@ class RolloutsConfig:
     t_min: float = 0.0  # t range of the cache draws (training with the cache uses the same draws)
     t_max: float = 1.0
     image_format: Literal["png", "webp"] = "png"  # png | webp (lossless)
+    lineage: list[dict[str, Any]] = field(default_factory=list)  # set by `gdro rounds`: the chain of models this
+    # dataset's generator came from, one {round, generator, dataset, run} per round (paths relative to the rounds
+    # folder); recorded in the manifest (part of the identity when not empty); [] for a plain dataset
 
     def check(self, key: str) -> None:
         for name in ("group_size", "prompts_per_shard", "batch_size"):

@@ -76,6 +76,7 @@ def identity(cfg: ExperimentConfig, prompts: list[dict]) -> dict:
                             "error": "mean over C,H,W of (v_ref(x_t, t, c) - (eps - x0))^2, float32"},
         "image_format": r.image_format,
         "latents_dtype": "float32",
+        **({"lineage": r.lineage} if r.lineage else {}),  # `gdro rounds`; absent otherwise (fingerprints unchanged)
     }
 
 
