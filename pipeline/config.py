@@ -276,7 +276,8 @@ class OnlineConfig:
     # per group, frozen reference + KL) | nft: DiffusionNFT (ODE rollouts, the sampling model as v_old) | flow-grpo:
     # SDE rollouts with per-step log-probabilities, clipped ratio, KL (arXiv 2505.05470)
     out: str = "runs/online"  # folder: config.json, curve.jsonl (one evaluation a line), result.json, export/
-    iterations: int = 40  # sample -> score -> update rounds
+    iterations: int = 40  # sample -> score -> update rounds (at most)
+    max_wall_s: float = 0.0  # stop once the iterations took this many seconds (evaluations excluded); 0 = no limit
     groups: int = 8  # prompts (groups of rollouts.group_size images) sampled per iteration
     updates: int = 1  # optimiser steps per iteration: dgpo/nft a fresh (t, eps) per group each; flow-grpo the
     # iteration's groups split into this many minibatches (the ratio is 1 on the first only)
@@ -294,8 +295,9 @@ class OnlineConfig:
     def check(self, key: str) -> None:
         for name in ("iterations", "groups", "updates", "eval_every", "grpo_noise_level", "grpo_clip_range"):
             _positive(f"{key}{name}", getattr(self, name))
-        if self.lr < 0 or self.eval_num_prompts < 0 or self.dgpo_kl_beta < 0 or self.grpo_kl_beta < 0:
-            raise GdroError(f"{key}lr, {key}eval_num_prompts, {key}dgpo_kl_beta and {key}grpo_kl_beta must be >= 0")
+        if min(self.lr, self.eval_num_prompts, self.dgpo_kl_beta, self.grpo_kl_beta, self.max_wall_s) < 0:
+            raise GdroError(f"{key}lr, {key}eval_num_prompts, {key}dgpo_kl_beta, {key}grpo_kl_beta and "
+                            f"{key}max_wall_s must be >= 0")
         if not 0.0 <= self.dgpo_t_min < self.dgpo_t_max <= 1.0:
             raise GdroError(f"{key}dgpo_t_min/dgpo_t_max must satisfy 0 <= t_min < t_max <= 1, got "
                             f"{self.dgpo_t_min}, {self.dgpo_t_max}")

@@ -111,17 +111,24 @@ def score(s: Online, latents: torch.Tensor, metas: list[dict]) -> torch.Tensor:
     return torch.tensor(np.stack(rows), dtype=torch.float32)
 
 
-def evaluate(s: Online, metas: list[dict], rewards: dict) -> dict[str, float]:
-    """eval.target and eval.out_of_domain[0], overall as `gdro eval` reports them (mean over kinds), with
-    eval.base_seed noise: the same numbers `gdro eval` gives this model on these lines."""
-    e = s.cfg.eval
-    s.policy.eval()
-    _, scores = evaluate_backend(s.backend, metas, s.cfg.sampler, base_seed=e.base_seed, seeds=e.seeds,
-                                 batch=e.batch_size, rewards=rewards, verifier=verifier_of(s.cfg.model.backend))
-    s.policy.train()
+def scores_of(backend, cfg: ExperimentConfig, metas: list[dict], rewards: dict) -> dict[str, float]:
+    """eval.target and eval.out_of_domain[0] of a model, overall as `gdro eval` reports them (mean over kinds),
+    with eval.base_seed noise: the same numbers `gdro eval` gives it on these lines. Every point of the
+    offline-vs-online comparison is scored by this one function."""
+    e = cfg.eval
+    _, scores = evaluate_backend(backend, metas, cfg.sampler, base_seed=e.base_seed, seeds=e.seeds,
+                                 batch=e.batch_size, rewards=rewards, verifier=verifier_of(cfg.model.backend))
     names = (e.target, e.out_of_domain[0])
     table = kind_table({n: scores[n] for n in names}, [m["tag"] for m in metas for _ in range(e.seeds)])
     return {n: table[n]["overall"] for n in names}
+
+
+def evaluate(s: Online, metas: list[dict], rewards: dict) -> dict[str, float]:
+    s.policy.eval()
+    try:
+        return scores_of(s.backend, s.cfg, metas, rewards)
+    finally:
+        s.policy.train()
 
 
 def eval_lines(cfg: ExperimentConfig) -> list[dict]:
@@ -131,8 +138,9 @@ def eval_lines(cfg: ExperimentConfig) -> list[dict]:
 
 
 def run(cfg: ExperimentConfig, iterate: Callable[[Online, int], dict], name: str) -> dict:
-    """The loop: evaluate at 0, every online.eval_every iterations and at the end; `iterate(s, it)` samples from
-    the current policy, scores and updates. Wall-clock counts the iterations only (evaluation is measurement).
+    """The loop: evaluate at 0, every online.eval_every iterations and at the end (online.iterations, or the first
+    iteration past online.max_wall_s); `iterate(s, it)` samples from the current policy, scores and updates.
+    Wall-clock counts the iterations only (evaluation is measurement).
     Writes <online.out>/{config.json, curve.jsonl, result.json, export/}; returns result.json's content."""
     o = cfg.online
     out = Path(o.out)
@@ -148,14 +156,20 @@ def run(cfg: ExperimentConfig, iterate: Callable[[Online, int], dict], name: str
 
     point(0)
     bar = tqdm(range(1, o.iterations + 1), desc=f"online {name}", unit="it", dynamic_ncols=True)
+    done = 0
     for it in bar:
         t0 = time.time()
         info = iterate(s, it)
         wall += time.time() - t0
+        done = it
         s.log.append({"iteration": it, **info})
         bar.set_postfix({k: f"{v:.3f}" for k, v in info.items() if isinstance(v, float)})
-        if it % o.eval_every == 0 or it == o.iterations:
+        over = bool(o.max_wall_s) and wall >= o.max_wall_s
+        if it % o.eval_every == 0 or it == o.iterations or over:
             point(it)
+        if over:
+            break
+    bar.close()
     atomic_write(out / CURVE, "".join(json.dumps(c) + "\n" for c in curve).encode())
     atomic_write(out / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in s.log).encode())
     if hasattr(s.backend, "save_pretrained"):
@@ -165,7 +179,7 @@ def run(cfg: ExperimentConfig, iterate: Callable[[Online, int], dict], name: str
         s.backend.save_pretrained(tmp)
         shutil.rmtree(out / "export", ignore_errors=True)
         tmp.rename(out / "export")
-    result = {"method": name, "iterations": o.iterations, "wall_s": round(wall, 3), "images": s.images,
+    result = {"method": name, "iterations": done, "wall_s": round(wall, 3), "images": s.images,
               "target": cfg.eval.target, "out_of_domain": cfg.eval.out_of_domain[0], "curve": curve}
     atomic_write(out / RESULT, (json.dumps(result, indent=1) + "\n").encode())  # last: the run is complete
     return result
