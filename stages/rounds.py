@@ -52,7 +52,6 @@ def round_config(cfg: ExperimentConfig, out: Path, k: int) -> tuple[ExperimentCo
     rc.rollouts.out = rc.train.dataset = str(d / "dataset")
     rc.rollouts.lineage = lineage(cfg, out, k)
     rc.train.out = str(d / "run")
-    rc.train.eval_every = 0  # selection inside a round would change which model the next round starts from
     ec = copy.deepcopy(rc)
     ec.model.path = cfg.model.path  # every round against the same base, with the same noise
     ec.eval.checkpoint = str(d / "run" / "export")
