@@ -16,7 +16,7 @@ import torch
 from pipeline.backends.base import Conditioning
 from pipeline.flow import error_weight, flow_errors, nft_branch_errors, sample_t
 from pipeline.losses import group_loss, kl_penalty, pairwise_accuracy
-from pipeline.sampling import sample
+from pipeline.sampling import sample, uses_cfg
 
 from .common import Online, draw_prompts, encode, initial_noise, score
 
@@ -36,8 +36,9 @@ def collect(s: Online, iteration: int) -> Rollouts:
     metas = draw_prompts(s, iteration)
     noise = initial_noise(s, iteration, len(metas))
     cond = encode(s, metas)
+    null = s.backend.encode_prompts([""]) if uses_cfg(s.backend, s.cfg.sampler) else None  # CFG, as stage one
     s.policy.eval()
-    latents = torch.cat([sample(s.backend, noise[i:i + 64], cond[i:i + 64], s.cfg.sampler)
+    latents = torch.cat([sample(s.backend, noise[i:i + 64], cond[i:i + 64], s.cfg.sampler, null_cond=null)
                          for i in range(0, noise.shape[0], 64)])
     s.policy.train()
     return Rollouts(iteration, metas, noise, latents, cond, score(s, latents, metas))

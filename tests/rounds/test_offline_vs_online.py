@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
 REPO = Path(__file__).resolve().parents[2]
 REWARD = "gdro_cmp_reward:mean_pixel"
 REWARD_MODULE = '''
@@ -27,6 +25,7 @@ def mean_pixel():
 '''
 
 
+@pytest.mark.slow
 def test_the_comparison_runs_end_to_end_and_fills_the_docs(tiny_toy_model, tmp_path, monkeypatch):
     from pipeline.config import ExperimentConfig, resolve
     from stages.offline_vs_online import BEGIN, END, main, time_to_fraction
