@@ -85,17 +85,18 @@ def rounds(preset, files, overrides, n_rounds, out):
     click.echo(run(cfg, rounds=n_rounds, out=Path(out)))
 
 
-# the comparison's own scale (about an hour on 2 CPU cores; docs/offline_vs_online.md), before the user's --set
+# the comparison's own scale (about 85 minutes on 2 CPU cores; docs/offline_vs_online.md), before the user's --set
 COMPARISON_SETTINGS = ("rollouts.num_prompts=256", "train.steps=200", "train.save_every=40",
                        "train.keep_checkpoints=10", "eval.num_prompts=150", "online.iterations=100000",
-                       "online.eval_every=8", "online.groups=8", "online.updates=4")
+                       "online.eval_every=4", "online.groups=8", "online.updates=4")
 
 
 @cli.command("offline-vs-online")
 @config_options
 @click.option("--rounds", "n_rounds", default=2, show_default=True, help="Rounds of the offline chain (2-3).")
 @click.option("--extra-loss", "extra", multiple=True, default=("nft",), show_default=True,
-              help="Other losses trained on round 1's dataset (repeatable): experiments it serves for free.")
+              help="Other losses trained on round 1's dataset (repeatable; 'none' for none): experiments it serves "
+                   "without generating an image.")
 @click.option("--online", "online_methods", multiple=True, default=("dgpo", "nft", "flow-grpo"), show_default=True,
               type=click.Choice(["dgpo", "nft", "flow-grpo"]), help="Online baselines to run (repeatable).")
 @click.option("--ceiling", default="", help="The ground-truth ceiling: a model folder, or 'train' to fit it here.")
@@ -115,7 +116,8 @@ def offline_vs_online(preset, files, overrides, n_rounds, extra, online_methods,
         ceiling_dir = Path(out) / "ceiling" / "export"
         if not ceiling_dir.is_dir():
             fit_ceiling(cfg, out=ceiling_dir.parent)
-    click.echo(run(cfg, out=Path(out), n_rounds=n_rounds, extra_losses=tuple(extra), online=tuple(online_methods),
+    extra = tuple(x for x in extra if x != "none")
+    click.echo(run(cfg, out=Path(out), n_rounds=n_rounds, extra_losses=extra, online=tuple(online_methods),
                    ceiling=ceiling_dir, docs=Path(docs) if docs else None))
 
 
