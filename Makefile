@@ -11,9 +11,11 @@ export PATH := $(abspath $(BIN)):$(PATH)
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 PRESET ?= toy
 ARGS ?=
+ROUNDS ?= 3
 
 .PHONY: help setup lint test test-fast rollouts train eval bench bench-gpu toy-base toy-samples prompts clean \
-	slurm-rollouts slurm-train slurm-eval slurm-all slurm-up slurm-down hack-demo toy-check ceiling
+	slurm-rollouts slurm-train slurm-eval slurm-all slurm-up slurm-down hack-demo toy-check ceiling \
+	rounds offline-vs-online
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -44,6 +46,12 @@ train: setup ## stage two: DeepSpeed training from the shards
 
 eval: setup ## evaluate a trained run against the reference
 	$(BIN)/gdro eval --preset $(PRESET) $(ARGS)
+
+rounds: setup ## ROUNDS rounds of rollouts from the current model -> train -> eval (runs/rounds; resumable)
+	$(BIN)/gdro rounds --rounds $(ROUNDS) --preset $(PRESET) $(ARGS)
+
+offline-vs-online: setup ## offline gdro, rounds and the online baselines vs. wall-clock (~85 min; docs/offline_vs_online.md)
+	$(BIN)/gdro offline-vs-online --preset $(PRESET) --ceiling train --docs docs $(ARGS)
 
 hack-demo: setup ## reward hacking, caught (docs/evaluation.md): rollouts -> train -> eval of preset toy_hack, ~10 min
 	OMP_NUM_THREADS=1 $(BIN)/gdro rollouts --preset toy_hack $(ARGS)

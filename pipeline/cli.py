@@ -70,6 +70,75 @@ def compare(preset, files, overrides, variants, out, ceiling, doc):
                    Path(doc) if doc else None))
 
 
+@cli.command("rounds")
+@config_options
+@click.option("--rounds", "n_rounds", default=3, show_default=True, help="Rounds of rollouts -> train -> eval.")
+@click.option("--out", default="runs/rounds", show_default=True, type=click.Path(file_okay=False),
+              help="One folder per round (round_K/{dataset, run, eval}), summary.md and summary.png.")
+def rounds(preset, files, overrides, n_rounds, out):
+    """Rounds: rollouts from the current model -> train -> export -> eval, N times (round 1 = the offline run).
+
+    \b
+    Each round samples from the previous round's export; its manifest records the lineage. Rerun the same
+    command to resume a killed chain where it stopped (finished rounds, shards and checkpoints are kept).
+    """
+    cfg = _experiment(preset, files, overrides)
+    from stages.rounds import main as run
+
+    click.echo(run(cfg, rounds=n_rounds, out=Path(out)))
+
+
+# the comparison's own scale (about 85 minutes on 2 CPU cores; docs/offline_vs_online.md), before the user's --set
+COMPARISON_SETTINGS = ("rollouts.num_prompts=256", "train.steps=200", "train.save_every=40",
+                       "train.keep_checkpoints=10", "eval.num_prompts=150", "online.iterations=100000",
+                       "online.eval_every=4", "online.groups=8", "online.updates=4")
+
+
+@cli.command("offline-vs-online")
+@config_options
+@click.option("--rounds", "n_rounds", default=2, show_default=True, help="Rounds of the offline chain (2-3).")
+@click.option("--extra-loss", "extra", multiple=True, default=("nft",), show_default=True,
+              help="Other losses trained on round 1's dataset (repeatable; 'none' for none): experiments it serves "
+                   "without generating an image.")
+@click.option("--online", "online_methods", multiple=True, default=("dgpo", "nft", "flow-grpo"), show_default=True,
+              type=click.Choice(["dgpo", "nft", "flow-grpo"]), help="Online baselines to run (repeatable).")
+@click.option("--ceiling", default="", help="The ground-truth ceiling: a model folder, or 'train' to fit it here.")
+@click.option("--out", default="runs/offline_vs_online", show_default=True, type=click.Path(file_okay=False))
+@click.option("--docs", default=None, type=click.Path(file_okay=False),
+              help="Write the table into DOCS/offline_vs_online.md and the figure into DOCS/img/.")
+def offline_vs_online(preset, files, overrides, n_rounds, extra, online_methods, ceiling, out, docs):
+    """Offline gdro (train.loss), its rounds, other losses on the same dataset, and the online BASELINES
+    (DGPO, NFT, Flow-GRPO) on one task against wall-clock seconds; one table and one figure. Resumable."""
+    cfg = _experiment(preset, files, COMPARISON_SETTINGS + tuple(overrides))
+    from stages.offline_vs_online import main as run
+
+    ceiling_dir = Path(ceiling) if ceiling else None
+    if ceiling == "train":  # the toy world's ceiling, for the comparison's training compute
+        from stages.toy_ceiling import main as fit_ceiling
+
+        ceiling_dir = Path(out) / "ceiling" / "export"
+        if not ceiling_dir.is_dir():
+            fit_ceiling(cfg, out=ceiling_dir.parent)
+    extra = tuple(x for x in extra if x != "none")
+    click.echo(run(cfg, out=Path(out), n_rounds=n_rounds, extra_losses=extra, online=tuple(online_methods),
+                   ceiling=ceiling_dir, docs=Path(docs) if docs else None))
+
+
+@cli.command("online")
+@config_options
+def online(preset, files, overrides):
+    """A BASELINE for comparison, not a product recipe: online DGPO, DiffusionNFT or Flow-GRPO (online.method)
+    sampling from the current policy every iteration, on the product's model, prompts and rewards; writes
+    online.out/{curve.jsonl, result.json, export/}."""
+    cfg = _experiment(preset, files, overrides)
+    from stages.baselines.online import main as run
+
+    res = run(cfg)
+    last = res["curve"][-1]
+    click.echo(f"{res['method']}: {res['iterations']} iterations, {res['wall_s']:.0f} s, {res['images']} images; "
+               f"{res['target']} {res['curve'][0][res['target']]:.3f} -> {last[res['target']]:.3f}")
+
+
 # ------------------------------------------------------------------------------------------------ config
 @cli.group()
 def config():

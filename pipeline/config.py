@@ -130,6 +130,9 @@ class RolloutsConfig:
     pipeline_depth: int = 2
     reward_workers: int = 1  # threads scoring beside sampling; per-image rewards (ocr, toy_*) split a shard
     # over them, the others get one call per shard on a thread of their own (0 = score in the sampling thread)
+    lineage: list[dict[str, Any]] = field(default_factory=list)  # set by `gdro rounds`: the chain of models this
+    # dataset's generator came from, one {round, generator, dataset, run} per round (paths relative to the rounds
+    # folder); recorded in the manifest (part of the identity when not empty); [] for a plain dataset
 
     def check(self, key: str) -> None:
         for name in ("group_size", "prompts_per_shard", "batch_size"):
@@ -160,12 +163,14 @@ class TrainConfig:
     dataset_weights: list[float] = field(default_factory=list)  # one per train.dataset entry: the share of groups
     # drawn from each (data_order=shuffled); [] = in proportion to their groups
     out: str = "runs/toy"  # run folder: checkpoints/, metrics.jsonl, tensorboard/, export/, ... (pipeline/runs.py)
-    loss: str = "dgpo"  # dgpo | gdro-ce | gdro-pl | dpo | raft (see pipeline/losses.py)
+    loss: str = "dgpo"  # dgpo | gdro-ce | gdro-pl | dpo | raft | nft (see pipeline/losses.py; nft needs a live
+    # reference: auto picks lora or copy for it)
     reward_weights: dict[str, float] = field(default_factory=lambda: {"toy_geneval": 1.0})  # raw reward -> weight
     beta: float = 500.0  # implicit-reward scale: rho = -beta (L - Lref)
     adv_scope: Literal["group", "batch"] = "group"  # std of the advantages over the group | the global batch (all ranks)
     adv_clip: float = 5.0  # |A| <= adv_clip
     tau: float = 1.0  # gdro-ce target temperature
+    nft_beta: float = 1.0  # nft: DiffusionNFT's beta, v+ = beta v_theta + (1 - beta) v_old (arXiv 2509.16117)
     kl_beta: float = 0.0  # weight of ||v_theta - v_ref||^2 (needs a live reference, not the cache)
     reference: Literal["auto", "cache", "lora", "copy"] = "auto"  # auto (cache if the dataset has one, else lora if LoRA, else copy) | cache | lora | copy
     error_param: Literal["x0", "v"] = "x0"  # error in the implicit rewards: x0 (DGPO Eq. 17, = t^2 x the velocity error) | v
@@ -212,7 +217,7 @@ class TrainConfig:
 
         _choice(f"{key}loss", self.loss, tuple(LOSSES))
         for name in ("steps", "groups_per_step", "grad_accum", "lr", "save_every", "keep_checkpoints", "adv_clip",
-                     "tau"):
+                     "tau", "nft_beta"):
             _positive(f"{key}{name}", getattr(self, name))
         if self.beta <= 0 and self.loss != "raft":
             raise GdroError(f"{key}beta must be > 0 for loss {self.loss}, got {self.beta}")
@@ -288,6 +293,43 @@ class EvalConfig:
 
 
 @dataclass
+class OnlineConfig:
+    """The online baselines (stages/baselines/, `gdro baselines run`): kept for comparison, not product recipes.
+    Each iteration samples from the current policy, scores, and updates; the model, prompt pool (rollouts.prompts,
+    rollouts.num_prompts), group size, rewards (train.reward_weights over rollouts.rewards), beta, adv_clip, lr
+    and the evaluation (eval.*) are the product's keys, so every method runs on the same task."""
+    method: Literal["dgpo", "nft", "flow-grpo"] = "dgpo"  # dgpo: DGPO's online loop (ODE rollouts, shared (t, eps)
+    # per group, frozen reference + KL) | nft: DiffusionNFT (ODE rollouts, the sampling model as v_old) | flow-grpo:
+    # SDE rollouts with per-step log-probabilities, clipped ratio, KL (arXiv 2505.05470)
+    out: str = "runs/online"  # folder: config.json, curve.jsonl (one evaluation a line), result.json, export/
+    iterations: int = 40  # sample -> score -> update rounds (at most)
+    max_wall_s: float = 0.0  # stop once the iterations took this many seconds (evaluations excluded); 0 = no limit
+    groups: int = 8  # prompts (groups of rollouts.group_size images) sampled per iteration
+    updates: int = 1  # optimiser steps per iteration: dgpo/nft a fresh (t, eps) per group each; flow-grpo the
+    # iteration's groups split into this many minibatches (the ratio is 1 on the first only)
+    lr: float = 0.0  # AdamW learning rate; 0 = train.lr
+    seed: int = 0  # prompts drawn and initial noises: sha256(seed, iteration, slot, member)
+    eval_every: int = 10  # iterations between evaluations (also at 0 and at the end); wall-clock excludes them
+    eval_num_prompts: int = 0  # first N lines of eval.prompts (eval.base_seed noise, eval.seeds images); 0 = eval.num_prompts
+    dgpo_t_min: float = 0.66  # DGPO's timestep clip t ~ U[t_min, t_max] (the DGPO code's 7 of 10 steps at shift 3)
+    dgpo_t_max: float = 1.0
+    dgpo_kl_beta: float = 2.0  # DGPO's KL weight, its code's 0.02 in gdro's scale (x 100, as pipeline/presets/sd35_ocr.yaml)
+    grpo_noise_level: float = 0.7  # Flow-GRPO's a: the SDE's std_dev_t = a sqrt(t / (1 - t)) (flow_grpo's default)
+    grpo_clip_range: float = 1e-4  # Flow-GRPO's ratio clip epsilon (flow_grpo's default)
+    grpo_kl_beta: float = 0.04  # Flow-GRPO's KL weight on the steps' Gaussian means (flow_grpo's default)
+
+    def check(self, key: str) -> None:
+        for name in ("iterations", "groups", "updates", "eval_every", "grpo_noise_level", "grpo_clip_range"):
+            _positive(f"{key}{name}", getattr(self, name))
+        if min(self.lr, self.eval_num_prompts, self.dgpo_kl_beta, self.grpo_kl_beta, self.max_wall_s) < 0:
+            raise GdroError(f"{key}lr, {key}eval_num_prompts, {key}dgpo_kl_beta, {key}grpo_kl_beta and "
+                            f"{key}max_wall_s must be >= 0")
+        if not 0.0 <= self.dgpo_t_min < self.dgpo_t_max <= 1.0:
+            raise GdroError(f"{key}dgpo_t_min/dgpo_t_max must satisfy 0 <= t_min < t_max <= 1, got "
+                            f"{self.dgpo_t_min}, {self.dgpo_t_max}")
+
+
+@dataclass
 class SlurmConfig:
     """How `gdro submit` renders the sbatch templates (cluster/*.sbatch) for a site."""
     partition: str = ""  # --partition; "" = the cluster's default partition
@@ -336,6 +378,7 @@ class ExperimentConfig:
     rollouts: RolloutsConfig = field(default_factory=RolloutsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)  # the online baselines only (stages/baselines/)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
@@ -518,6 +561,7 @@ __all__ = [
     "EvalConfig",
     "ExperimentConfig",
     "ModelConfig",
+    "OnlineConfig",
     "RolloutsConfig",
     "SamplerConfig",
     "SlurmConfig",

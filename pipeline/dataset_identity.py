@@ -79,6 +79,8 @@ def identity(cfg: ExperimentConfig, prompts: list[dict]) -> dict:
         "images_rescorable": r.image_quality == 0,  # lossless images score as the rewards saw them
         "latents_dtype": r.latents_dtype,
         "embeds_dtype": r.embeds_dtype,
+        **({"generator_lineage": r.lineage} if r.lineage else {}),  # `gdro rounds`; absent otherwise (fingerprints
+        # unchanged); not "lineage", which records a rescore's parents
     }
 
 

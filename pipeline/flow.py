@@ -43,6 +43,28 @@ def sample_t(n: int, generator: torch.Generator, *, law: str, t_min: float, t_ma
     return t_min + (t_max - t_min) * u
 
 
+NFT_WEIGHT_MIN = 1e-5  # DiffusionNFT's floor of the adaptive weight
+
+
+def nft_branch_errors(v_policy: torch.Tensor, v_old: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor,
+                      t: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DiffusionNFT's (arXiv 2509.16117) per-sample errors [B] of its implicit positive and negative policies,
+    v+ = beta v_theta + (1 - beta) v_old and v- = (1 + beta) v_old - beta v_theta, on the same x_t: the x0 error of
+    x0_hat = x_t - t v, divided by its own detached mean absolute value (adaptive weighting, floored at 1e-5)."""
+    t = t.to(x0.device).expand(x0.shape[0]) if t.numel() == 1 else t.to(x0.device)
+    xt = interpolate(x0.float(), eps.float(), t)
+    tt = t.float().reshape(-1, *([1] * (x0.dim() - 1)))
+    v_old = v_old.detach().float()
+    v_policy = v_policy.float()
+
+    def err(v):
+        d = (xt - tt * v) - x0.float()
+        w = d.detach().double().abs().flatten(1).mean(1).clamp(min=NFT_WEIGHT_MIN).float()
+        return d.pow(2).flatten(1).mean(1) / w
+
+    return err(beta * v_policy + (1 - beta) * v_old), err((1 + beta) * v_old - beta * v_policy)
+
+
 ERROR_PARAMS = ("v", "x0")
 
 

@@ -10,6 +10,10 @@ than the reference on it.
 - `gdro-ce`, `gdro-pl`: OUR READING of the GDRO paradigm (the paper's loss is unpublished): cross-entropy
   from softmax(A / tau) to softmax(rho), and the Plackett-Luce likelihood of the reward ranking under rho.
 - `dpo`: Diffusion-DPO on the best and the worst member (baseline). `raft`: flow matching on the best (baseline).
+- `nft`: DiffusionNFT (arXiv 2509.16117), reference-free in the sense that it needs no likelihood and no frozen
+  model of its own, only the data-collecting ("old") model's velocity on the same x_t: each member's optimality
+  r = clip(A)/(2 adv_clip) + 1/2 weighs the errors of an implicit positive and negative policy
+  (`flow.nft_branch_errors`), every member counts.
 
 Groups with zero reward spread carry no preference: their advantages are exactly 0, they are counted, and
 they are left out of the mean (never a division by zero: a batch without signal gives a zero loss that
@@ -109,22 +113,47 @@ def raft(rho: torch.Tensor, adv: torch.Tensor, signal: torch.Tensor, rewards: to
     return torch.gather(policy_err, 1, best).mean()
 
 
+def nft_optimality(adv: torch.Tensor, clip: float) -> torch.Tensor:
+    """DiffusionNFT's optimality probability of a member: its clipped advantage mapped to [0, 1] (A = 0: 1/2)."""
+    return (adv.clamp(-clip, clip) / clip / 2 + 0.5).clamp(0, 1)
+
+
+def nft(rho: torch.Tensor, adv: torch.Tensor, signal: torch.Tensor, rewards: torch.Tensor, *,
+        policy_err: torch.Tensor, neg_err: torch.Tensor, nft_beta: float, adv_clip: float, **_) -> torch.Tensor:
+    """DiffusionNFT: mean over every member of adv_clip x (r L+ + (1 - r) L-) / nft_beta, L+ and L- the errors of
+    the implicit positive and negative policies (`policy_err`, `neg_err`). A zero-spread group has r = 1/2,
+    whose gradient vanishes while the policy equals the old model."""
+    r = nft_optimality(adv, adv_clip)
+    return (adv_clip * (r * policy_err + (1 - r) * neg_err) / nft_beta).mean()
+
+
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {"dgpo": dgpo, "gdro-ce": gdro_ce, "gdro-pl": gdro_pl,
-                                                  "dpo": dpo, "raft": raft}
+                                                  "dpo": dpo, "raft": raft, "nft": nft}
 NEEDS_REFERENCE = {"dgpo", "gdro-ce", "gdro-pl", "dpo"}
+NEEDS_VELOCITY = {"nft"}  # the old model's velocity on the same x_t: a live reference, never the error cache
+EVERY_GROUP = {"raft", "nft"}  # losses averaged over every group, not only those with reward spread
 
 
 def group_loss(name: str, policy_err: torch.Tensor, ref_err: torch.Tensor | None, rewards: torch.Tensor, *,
                beta: float, adv_scope: str = "group", adv_clip: float = 5.0, tau: float = 1.0,
-               adv_std: torch.Tensor | None = None) -> LossOutput:
+               adv_std: torch.Tensor | None = None, neg_err: torch.Tensor | None = None,
+               nft_beta: float = 1.0) -> LossOutput:
     """One entry point for every loss: [N, G] errors and rewards in, a scalar loss and diagnostics out.
-    `adv_std`: the global batch's std for adv_scope="batch" (`batch_std` with an all-reduce), else this batch's."""
+    `adv_std`: the global batch's std for adv_scope="batch" (`batch_std` with an all-reduce), else this batch's.
+    For `nft`, policy_err and neg_err are the positive and negative branches' errors (`flow.nft_branch_errors`),
+    and the diagnostics' implicit reward is L- - L+ (positive where the policy moved towards the member)."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; known: {', '.join(LOSSES)}")
+    if name in NEEDS_VELOCITY and neg_err is None:
+        raise ValueError(f"loss {name!r} needs the negative branch's errors (neg_err)")
     adv, signal = advantages(rewards, scope=adv_scope, clip=adv_clip, std=adv_std)
-    ref = ref_err if ref_err is not None else policy_err.detach()
-    rho = implicit_rewards(policy_err, ref, beta)
-    loss = LOSSES[name](rho, adv, signal, rewards, tau=tau, policy_err=policy_err)
+    if name == "nft":
+        rho = (neg_err - policy_err).detach()
+    else:
+        ref = ref_err if ref_err is not None else policy_err.detach()
+        rho = implicit_rewards(policy_err, ref, beta)
+    loss = LOSSES[name](rho, adv, signal, rewards, tau=tau, policy_err=policy_err, neg_err=neg_err,
+                        nft_beta=nft_beta, adv_clip=adv_clip)
     return LossOutput(loss=loss, rho=rho, advantages=adv, signal=signal)
 
 

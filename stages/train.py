@@ -25,8 +25,16 @@ from pipeline.distributed import deepspeed_config, init_distributed, print0
 from pipeline.ema import WeightEMA
 from pipeline.errors import GdroError
 from pipeline.eval.selection import Selector
-from pipeline.flow import error_weight, flow_errors, sample_t
-from pipeline.losses import NEEDS_REFERENCE, batch_std, group_loss, kl_penalty, pairwise_accuracy
+from pipeline.flow import error_weight, flow_errors, nft_branch_errors, sample_t
+from pipeline.losses import (
+    EVERY_GROUP,
+    NEEDS_REFERENCE,
+    NEEDS_VELOCITY,
+    batch_std,
+    group_loss,
+    kl_penalty,
+    pairwise_accuracy,
+)
 from pipeline.preemption import Preemption, requeue_on_preemption
 from pipeline.train_data import check_datasets, group_batches
 from schemas.seeds import noise_for
@@ -42,10 +50,14 @@ def lora_config(t: TrainConfig):
                       target_modules=list(t.lora_targets))
 
 
-def resolve_reference(mode: str, manifest: dict, lora: bool) -> str:
+def resolve_reference(mode: str, manifest: dict, lora: bool, needs_velocity: bool = False) -> str:
+    """needs_velocity (a loss of NEEDS_VELOCITY): auto takes a live reference even when the dataset has a cache."""
     has_cache = manifest["reference_cache"]["K"] > 0
     if mode == "auto":
-        return "cache" if has_cache else ("lora" if lora else "copy")
+        return "cache" if has_cache and not needs_velocity else ("lora" if lora else "copy")
+    if mode == "cache" and needs_velocity:
+        raise GdroError("train.reference=cache: the loss needs the reference's velocities, which the cache does not "
+                        "store; use train.reference=auto (a live reference)")
     if mode == "cache" and not has_cache:
         raise GdroError("train.reference=cache, but the dataset was generated with rollouts.ref_cache_k=0; use "
                         "train.reference=auto (a live reference) or regenerate with a cache")
@@ -88,9 +100,9 @@ def _draws(batch: dict, ref: str, t_cfg, gens: list[torch.Generator], shape) -> 
 
 
 def _averaged_groups(loss: str, out_) -> torch.Tensor:
-    """[N] bool: the groups `loss` is a mean over (pipeline/losses.py): raft every group, the others those with
-    reward spread."""
-    return torch.ones_like(out_.signal) if loss == "raft" else out_.signal
+    """[N] bool: the groups `loss` is a mean over (pipeline/losses.py): raft and nft every group, the others those
+    with reward spread."""
+    return torch.ones_like(out_.signal) if loss in EVERY_GROUP else out_.signal
 
 
 def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +150,8 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
     G = manifest["group_size"]
     shape = tuple(manifest["generator"]["latent_shape"])
     lora = t.lora_rank > 0
-    ref_mode = resolve_reference(t.reference, manifest, lora) if t.loss in NEEDS_REFERENCE or t.kl_beta else "none"
+    needs_ref = t.loss in NEEDS_REFERENCE or t.loss in NEEDS_VELOCITY or t.kl_beta
+    ref_mode = resolve_reference(t.reference, manifest, lora, t.loss in NEEDS_VELOCITY) if needs_ref else "none"
     if ref_mode == "cache" and t.kl_beta:
         raise GdroError("train.kl_beta > 0 needs a live reference: set train.reference=lora or copy")
     gen_sha = manifest["generator"]["weights_sha256"].get("transformer/diffusion_pytorch_model.safetensors")
@@ -239,8 +252,14 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
             w = error_weight(tt, t.error_param).to(device).unsqueeze(1)  # the same factor for policy and reference
             # adv_scope=batch: the std over every image of the global batch, all ranks (as DGPO's and Flow-GRPO's code)
             adv_std = batch_std(rewards.float(), _sum_over_ranks) if t.adv_scope == "batch" else None
-            out_ = group_loss(t.loss, err.view(n, G) * w, ref_err * w if ref_err is not None else None, rewards.float(),
-                              beta=t.beta, adv_scope=t.adv_scope, adv_clip=t.adv_clip, tau=t.tau, adv_std=adv_std)
+            if t.loss in NEEDS_VELOCITY:  # nft: its own (adaptive) weighting of the two branches' x0 errors
+                pos, neg = nft_branch_errors(v, v_ref, x0, eps_g, t_g, t.nft_beta)
+                out_ = group_loss(t.loss, pos.view(n, G), None, rewards.float(), beta=t.beta, adv_scope=t.adv_scope,
+                                  adv_clip=t.adv_clip, neg_err=neg.view(n, G), nft_beta=t.nft_beta, adv_std=adv_std)
+            else:
+                out_ = group_loss(t.loss, err.view(n, G) * w, ref_err * w if ref_err is not None else None,
+                                  rewards.float(), beta=t.beta, adv_scope=t.adv_scope, adv_clip=t.adv_clip, tau=t.tau,
+                                  adv_std=adv_std)
             # The losses average over this rank's groups with signal, and DeepSpeed averages gradients over ranks: with
             # unequal counts per rank that is not the mean over the global batch. Scaling by count x world / global
             # count makes it exactly that mean (what one process with the whole global batch computes), whatever the
