@@ -60,3 +60,17 @@ def check_cached_reference_errors(dataset: Path, velocity, group_size: int) -> i
                     np.testing.assert_allclose(err.double().numpy(), np.asarray(rec.ref_errors[k]), rtol=1e-5)
                     checked += 1
     return checked
+
+
+# A user scorer ("module:function") for the subprocess tests: the mean pixel value of each image in [0, 1]. Each
+# test writes it under a module name of its own (REWARD = "<name>:mean_pixel") into a folder on PYTHONPATH.
+MEAN_PIXEL_MODULE = """
+import numpy as np
+
+
+def mean_pixel():
+    def fn(images, prompts, metadata):
+        return np.asarray(images, dtype=np.float64).mean(axis=(1, 2, 3)) / 255.0, {}
+
+    return fn
+"""

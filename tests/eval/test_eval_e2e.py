@@ -10,22 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from gdro_testing import run_train, transformer_weights
+from gdro_testing import MEAN_PIXEL_MODULE, run_train, transformer_weights
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 REWARD = "gdro_eval_reward:mean_pixel"
-REWARD_MODULE = '''
-import numpy as np
-
-
-def mean_pixel():
-    def fn(images, prompts, metadata):
-        return np.asarray(images, dtype=np.float64).mean(axis=(1, 2, 3)) / 255.0, {}
-
-    return fn
-'''
+REWARD_MODULE = MEAN_PIXEL_MODULE
 
 
 def make_cfg(model, root: Path, run: str, *overrides):

@@ -16,21 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gdro_testing import check_cached_reference_errors, run_train, transformer_weights
+from gdro_testing import MEAN_PIXEL_MODULE, check_cached_reference_errors, run_train, transformer_weights
 
 pytestmark = pytest.mark.slow
 
 REWARD = "gdro_real_reward:mean_pixel"
-REWARD_MODULE = '''
-import numpy as np
-
-
-def mean_pixel():
-    def fn(images, prompts, metadata):
-        return np.asarray(images, dtype=np.float64).mean(axis=(1, 2, 3)) / 255.0, {}
-
-    return fn
-'''
+REWARD_MODULE = MEAN_PIXEL_MODULE
 PROMPTS = ['a sign that says "hello"', "a cat sitting on a mat", 'a neon sign that says "open late"',
            "two green triangles"]
 G = 4

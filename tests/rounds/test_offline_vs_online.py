@@ -10,19 +10,11 @@ import signal
 from pathlib import Path
 
 import pytest
+from gdro_testing import MEAN_PIXEL_MODULE
 
 REPO = Path(__file__).resolve().parents[2]
 REWARD = "gdro_cmp_reward:mean_pixel"
-REWARD_MODULE = '''
-import numpy as np
-
-
-def mean_pixel():
-    def fn(images, prompts, metadata):
-        return np.asarray(images, dtype=np.float64).mean(axis=(1, 2, 3)) / 255.0, {}
-
-    return fn
-'''
+REWARD_MODULE = MEAN_PIXEL_MODULE
 
 
 @pytest.mark.slow

@@ -13,22 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from gdro_testing import transformer_weights
+from gdro_testing import MEAN_PIXEL_MODULE, transformer_weights
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 REWARD = "gdro_rounds_reward:mean_pixel"
-REWARD_MODULE = '''
-import numpy as np
-
-
-def mean_pixel():
-    def fn(images, prompts, metadata):
-        return np.asarray(images, dtype=np.float64).mean(axis=(1, 2, 3)) / 255.0, {}
-
-    return fn
-'''
+REWARD_MODULE = MEAN_PIXEL_MODULE
 
 
 def command(model, out: Path) -> list[str]:
