@@ -74,3 +74,15 @@ def mean_pixel():
 
     return fn
 """
+
+
+def tar_groups(tar_path) -> dict[str, dict[str, bytes]]:
+    """A shard's raw members, {key: {member suffix: bytes}}, read with tarfile (independent of gdro's readers)."""
+    import tarfile
+
+    out: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(tar_path) as tf:
+        for info in tf:
+            key, _, member = info.name.partition(".")
+            out.setdefault(key, {})[member] = tf.extractfile(info).read()
+    return out

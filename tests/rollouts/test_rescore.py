@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gdro_testing import tar_groups
 from PIL import Image
 
 from .conftest import PROMPTS, copy_dataset, make_cfg, run, shard_files
@@ -64,17 +65,6 @@ def _rescore(dataset, out, reward=REWARD):
     return main(Path(dataset), reward, Path(out))
 
 
-def _plain(tar: Path) -> dict[str, dict[str, bytes]]:
-    import tarfile
-
-    groups: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(tar) as tf:
-        for info in tf:
-            key, _, member = info.name.partition(".")
-            groups.setdefault(key, {})[member] = tf.extractfile(info).read()
-    return groups
-
-
 def test_rescore_adds_the_reward_from_the_stored_images(small_dataset, tmp_path, scorer):
     from schemas.manifest import verify_dataset
 
@@ -95,7 +85,7 @@ def test_rescore_adds_the_reward_from_the_stored_images(small_dataset, tmp_path,
     import pyarrow.parquet as pq
 
     for sh in m["shards"]:
-        old, new = _plain(small_dataset / sh["tar"]), _plain(out / sh["tar"])
+        old, new = tar_groups(small_dataset / sh["tar"]), tar_groups(out / sh["tar"])
         assert old.keys() == new.keys()
         table = pq.read_table(out / sh["parquet"]).to_pandas()
         for key in old:
@@ -144,7 +134,7 @@ def test_train_uses_the_new_reward_at_once(small_dataset, tiny_toy_model, tmp_pa
                                shuffle_buffer=1, order="sequential")
     batch = next(iter(batches))
     for j, key in enumerate(batch["keys"]):
-        rec = json.loads(_plain(out / "shards" / "000000.tar")[key]["json"])
+        rec = json.loads(tar_groups(out / "shards" / "000000.tar")[key]["json"])
         assert batch["rewards"][j].tolist() == rec["rewards"][REWARD]
     run = tmp_path / "run"
     cfg = resolve(ExperimentConfig, preset="toy", overrides=[

@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import tarfile
 import textwrap
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from gdro_testing import tar_groups
 from PIL import Image
 
 from pipeline.errors import GdroError
@@ -41,15 +41,6 @@ def user_scorer(tmp_path, monkeypatch):
     return f"{SCORER}:brightness"
 
 
-def _groups(tar_path):
-    out: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(tar_path) as tf:
-        for info in tf:
-            key, _, member = info.name.partition(".")
-            out.setdefault(key, {})[member] = tf.extractfile(info).read()
-    return out
-
-
 def test_a_user_scorer_that_raises_fails_rows_not_the_shard(tiny_toy_model, tmp_path, user_scorer):
     cfg = make_cfg(tiny_toy_model, tmp_path / "ds", "rollouts.num_prompts=4", "rollouts.ref_cache_k=0")
     cfg.rollouts.rewards = {user_scorer: {"bad_prompt": BAD_PROMPT}, "toy_quality": {}}
@@ -66,7 +57,7 @@ def test_a_user_scorer_that_raises_fails_rows_not_the_shard(tiny_toy_model, tmp_
         table = pq.read_table(root / "shards" / f"{shard:06d}.parquet")
         rows = table.to_pylist()
         assert len(rows) == 2 * G
-        groups = _groups(root / "shards" / f"{shard:06d}.tar")
+        groups = tar_groups(root / "shards" / f"{shard:06d}.tar")
         for row in rows:
             rec = json.loads(groups[row["key"]]["json"])
             m = row["member"]
@@ -121,7 +112,7 @@ def test_cached_reference_errors_match_an_independent_computation(tiny_toy_model
     from diffusers import SD3Transformer2DModel
 
     model = SD3Transformer2DModel.from_pretrained(tiny_toy_model / "transformer").eval()
-    groups = _groups(small_dataset / "shards" / "000002.tar")
+    groups = tar_groups(small_dataset / "shards" / "000002.tar")
     assert sorted(groups) == ["000000004", "000000005"]
     for raw in groups.values():
         rec = json.loads(raw["json"])
@@ -151,7 +142,7 @@ def test_cached_reference_errors_match_an_independent_computation(tiny_toy_model
 
 def test_no_cache_when_k_is_zero(tiny_toy_model, tmp_path):
     root = run(make_cfg(tiny_toy_model, tmp_path / "ds", "rollouts.ref_cache_k=0", "rollouts.num_prompts=2"))
-    rec = json.loads(_groups(root / "shards" / "000000.tar")["000000000"]["json"])
+    rec = json.loads(tar_groups(root / "shards" / "000000.tar")["000000000"]["json"])
     assert rec["ref_t"] == rec["ref_noise_seeds"] == rec["ref_errors"] == []
     assert json.loads((root / "manifest.json").read_text())["reference_cache"]["K"] == 0
 
