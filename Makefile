@@ -83,8 +83,9 @@ BENCH_GPU_LIMIT ?= 15m
 bench-gpu: setup ## full-size SD3.5-Medium benchmark on one GPU (random weights; refuses without CUDA; stopped after BENCH_GPU_LIMIT)
 	timeout --signal=INT --kill-after=60s $(BENCH_GPU_LIMIT) $(BIN)/gdro bench --full-size $(ARGS)
 
-toy-base: setup ## re-train the shipped toy base model (about an hour on 2 CPU cores)
-	$(BIN)/gdro toy pretrain --set out=models/toy-base $(ARGS)
+toy-base: setup ## re-train the shipped toy base model: stage 1 draws, stage 2 adds the noisy captions (about 2 hours on 2 CPU cores)
+	$(BIN)/gdro toy pretrain --config pipeline/toy/recipes/base_stage1.yaml $(ARGS)
+	$(BIN)/gdro toy pretrain --config pipeline/toy/recipes/base_stage2.yaml $(ARGS)
 
 toy-check: setup ## the toy base model's checks: per-kind table, true renders of the same lines, PASS/MISS
 	$(BIN)/gdro toy score --model models/toy-base

@@ -5,10 +5,10 @@ eval of the EMA weights on the held-out test prompts (the same verifier and samp
 save. The learning rate is constant after warm-up, so the weights at step k of a long run are the weights a
 run with ``steps=k`` ends with: the shipped checkpoint is reproducible by stopping there.
 
-Noisy captions, as on the web: with probability ``caption_noise`` a compositional prompt's image is a render of
-``perturb(prompt)`` (one fact changed: a missing object, a count off by one, another colour, the opposite
-relation, swapped colours) while the caption stays the original. The model learns to draw every object
-cleanly, but its conditional distribution puts real mass on wrong compositions it can also draw right: the
+Noisy captions, as on the web: with probability ``caption_noise`` a prompt of a ``noisy_kinds`` kind (presence,
+counts, relations) is paired with a render of ``perturb(prompt)`` (one fact changed: a missing object, a count
+off by one, another relation) that fails the original caption, which stays. The model learns to draw every
+object cleanly, but its conditional distribution puts real mass on wrong compositions it can also draw right: the
 kind of base that reward post-training improves (a real base's failures are of this kind, not of drawing).
 """
 from __future__ import annotations
@@ -34,18 +34,20 @@ from pipeline.eval.tables import format_table, kind_table
 from pipeline.flow import sample_t
 from pipeline.prompt_files import load_prompts
 from pipeline.sampling import SamplerConfig
-from pipeline.toy.prompts import KINDS, all_prompts, perturb, sample_scene
+from pipeline.toy.prompts import KINDS, all_prompts, noisy_scene, sample_scene
 from pipeline.toy.scoring import score_images
 from pipeline.toy.world import render, to_unit
 
 
-def _batch(rng: np.random.Generator, by_kind: dict[str, list[dict]], n: int, dropout: float, noise: float):
+def _batch(rng: np.random.Generator, by_kind: dict[str, list[dict]], n: int, dropout: float, noise: float,
+           noisy_kinds: tuple[str, ...], relation: str):
     prompts, images = [], []
     for _ in range(n):
         pool = by_kind[KINDS[int(rng.integers(len(KINDS)))]]
         meta = pool[int(rng.integers(len(pool)))]
-        drawn = perturb(meta, rng) if rng.random() < noise else meta
-        images.append(to_unit(render(sample_scene(drawn, rng))))
+        u = rng.random()  # drawn for every pair, so the noise settings change no other draw of the stream
+        noisy = meta["tag"] in noisy_kinds and u < noise
+        images.append(to_unit(render(noisy_scene(meta, rng, relation) if noisy else sample_scene(meta, rng))))
         prompts.append("" if rng.random() < dropout else meta["prompt"])
     return prompts, torch.from_numpy(np.stack(images))
 
@@ -121,6 +123,21 @@ def _truncate_log(path: Path, step: int) -> None:
         path.write_text("".join(ln + "\n" for ln in lines))
 
 
+def _load_init(model: torch.nn.ModuleDict, folder: Path) -> None:
+    """Start from a toy model folder's weights (continued pre-training); the architecture keys must match it."""
+    try:
+        init = ToyBackend.from_pretrained(folder)
+    except (OSError, GdroError) as e:
+        raise GdroError(f"init: {folder} is not a toy model folder ({e}); give the folder of a toy base, "
+                        "e.g. models/toy-base") from e
+    for name, part in (("text", init.text_encoder), ("transformer", init.transformer)):
+        try:
+            model[name].load_state_dict(part.state_dict())
+        except RuntimeError as e:
+            raise GdroError(f"init: {folder}'s {name} does not fit this config's architecture (set the same "
+                            f"denoiser, unet_channels, text_dim as its pretrain_config.json): {e}") from e
+
+
 def main(cfg: ToyPretrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
@@ -129,6 +146,8 @@ def main(cfg: ToyPretrainConfig) -> Path:
     save_resolved(cfg, out / "pretrain_config.json")
     text = ToyTextEncoder(TextEncoderConfig(dim=cfg.text_dim, pooled_dim=cfg.text_dim))
     model = torch.nn.ModuleDict({"text": text, "transformer": _denoiser(cfg)})
+    if cfg.init:
+        _load_init(model, Path(cfg.init))
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"toy base model: {cfg.denoiser}, {n_params / 1e6:.2f} M parameters")
@@ -150,7 +169,8 @@ def main(cfg: ToyPretrainConfig) -> Path:
     record: dict = {"step": start}
     bar = tqdm(range(start + 1, cfg.steps + 1), desc="toy pretrain", unit="step", initial=start, total=cfg.steps)
     for step in bar:
-        prompts, x0 = _batch(rng, by_kind, cfg.batch_size, cfg.caption_dropout, cfg.caption_noise)
+        prompts, x0 = _batch(rng, by_kind, cfg.batch_size, cfg.caption_dropout, cfg.caption_noise,
+                             tuple(cfg.noisy_kinds), cfg.relation_noise)
         eps = torch.randn(x0.shape, generator=gen)
         t = sample_t(x0.shape[0], gen, law="logit_normal", t_min=0.0, t_max=1.0)  # SD3's law
         xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps

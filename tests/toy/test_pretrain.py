@@ -1,18 +1,20 @@
 """The toy pre-training recipe: runs, learns (loss falls), saves a loadable model, logs evaluations, resumes to
 the same weights as an uninterrupted run, and draws noisy-caption pairs at the configured rate."""
+import collections
 import json
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from pipeline.backends.toy import ToyBackend
 from pipeline.config import ToyPretrainConfig
 from pipeline.errors import GdroError
-from pipeline.toy.prompts import all_prompts, perturb, sample_scene
+from pipeline.toy.prompts import KINDS, NOISY_KINDS, all_prompts, noisy_scene, perturb, sample_scene
 from pipeline.toy.verifier import verify
-from pipeline.toy.world import render
-from stages.toy_pretrain import main
+from pipeline.toy.world import from_unit, render
+from stages.toy_pretrain import _batch, main
 
 
 def _tiny(out, **kw) -> ToyPretrainConfig:
@@ -60,13 +62,68 @@ def test_resume_refuses_other_settings(tmp_path):
         main(_tiny(tmp_path / "m", steps=6, eval_every=100, caption_noise=0.9))
 
 
-def test_perturbed_scenes_fail_their_caption_and_stay_drawable():
-    """Every perturbation of a compositional prompt draws a scene the verifier rejects for the original caption
-    (one fact is wrong) and accepts for the perturbed metadata (it is drawable); single objects stay clean."""
+@pytest.mark.parametrize("relation", ["other", "opposite"])
+def test_perturbed_scenes_fail_their_caption_and_stay_drawable(relation):
+    """Every perturbation of a compositional prompt is drawable (the verifier accepts the scene for the perturbed
+    metadata), and a noisy scene always fails the original caption; single objects stay clean."""
     rng = np.random.default_rng(0)
     for meta in all_prompts():
         for _ in range(2):
-            other = perturb(meta, rng)
-            img = render(sample_scene(other, rng))
-            assert verify(img, other)[0].strict, other
-            assert verify(img, meta)[0].strict == (meta["tag"] == "single_object"), (meta, other)
+            other = perturb(meta, rng, relation)
+            assert verify(render(sample_scene(other, rng)), other)[0].strict, other
+            if meta["tag"] != "single_object":
+                assert not verify(render(noisy_scene(meta, rng, relation)), meta)[0].strict, meta
+
+
+def test_a_noisy_relation_is_another_side():
+    """"other": every other side appears and the caption's never does, so at any noise rate below 3/4 the
+    caption's side stays the likeliest; "opposite": always the opposite side (at rate 1/2 the caption says
+    nothing about the side, the first base's flaw)."""
+    rng = np.random.default_rng(1)
+    meta = next(p for p in all_prompts() if p["tag"] == "position" and p["include"][1]["position"][0] == "left of")
+    drawn = collections.Counter(perturb(meta, rng)["include"][1]["position"][0] for _ in range(300))
+    assert set(drawn) == {"right of", "above", "below"} and min(drawn.values()) > 70
+    assert {perturb(meta, rng, "opposite")["include"][1]["position"][0] for _ in range(20)} == {"right of"}
+
+
+def test_pretraining_pairs_are_noisy_at_the_configured_rate_on_the_noisy_kinds_only():
+    """Brute force over the pairs `_batch` draws: a pair is noisy exactly when its image fails its caption (a
+    true render never does), so the verifier counts the noisy share per kind."""
+    by_kind = {k: [p for p in all_prompts() if p["tag"] == k] for k in KINDS}
+    by_text = {p["prompt"]: p for p in all_prompts()}
+    rng = np.random.default_rng(2)
+    failed, seen = collections.Counter(), collections.Counter()
+    for _ in range(30):
+        prompts, images = _batch(rng, by_kind, 64, 0.0, 0.7, NOISY_KINDS, "other")
+        for text, img in zip(prompts, images.numpy()):
+            meta = by_text[text]
+            seen[meta["tag"]] += 1
+            failed[meta["tag"]] += not verify(from_unit(img), meta)[0].strict
+    for kind in KINDS:
+        share = failed[kind] / seen[kind]
+        if kind in NOISY_KINDS:
+            assert abs(share - 0.7) < 4 * (0.21 / seen[kind]) ** 0.5, (kind, share, seen[kind])
+        else:
+            assert share == 0.0, (kind, share)
+    assert set(NOISY_KINDS) == {"two_object", "counting", "position"}  # colours stay clean (see prompts.py)
+
+
+def test_noise_settings_are_checked():
+    with pytest.raises(GdroError, match="noisy_kinds: single_object"):
+        ToyPretrainConfig(noisy_kinds=["single_object"]).check("")
+    with pytest.raises(GdroError, match="relation_noise"):
+        ToyPretrainConfig(relation_noise="sideways").check("")
+
+
+def test_init_starts_from_a_model_folders_weights(tmp_path):
+    """Continued pre-training: with a vanishing learning rate the run ends where its init folder was (and not
+    where a run from random weights would); a folder of another architecture is refused naming init."""
+    first = main(_tiny(tmp_path / "a", steps=3, eval_every=100))
+    cont = main(_tiny(tmp_path / "b", steps=2, eval_every=100, lr=1e-12, seed=5, init=str(first)))
+    fresh = main(_tiny(tmp_path / "c", steps=2, eval_every=100, lr=1e-12, seed=5))
+    sub = "transformer/diffusion_pytorch_model.safetensors"
+    a, b, c = (load_file(str(x / sub)) for x in (first, cont, fresh))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert not all(torch.allclose(a[k], c[k], atol=1e-3) for k in a)
+    with pytest.raises(GdroError, match="init: .* does not fit"):
+        main(_tiny(tmp_path / "d", steps=2, eval_every=100, unet_channels=[16, 16, 32], init=str(first)))
