@@ -7,6 +7,7 @@ put back afterwards, so a process that trains twice (the tests, the benchmark) k
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -61,6 +62,24 @@ def requeue_target(env=None) -> str | None:
     return env.get("SLURM_JOB_ID") or None
 
 
+@contextlib.contextmanager
+def _term_ignored():
+    """SIGTERM ignored in this process while inside, and so in the children started there (an ignored signal
+    stays ignored across exec). Requeueing a running job makes slurmd send TERM to every process of the job as
+    soon as slurmctld has the request, often before `scontrol requeue` has exited; scontrol would die of it
+    (exit -15, no output) and a job that *was* requeued be reported as not. A TERM that reaches this process
+    meanwhile is dropped: it is already leaving for the requeue. Outside the main thread, a no-op."""
+    try:
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
+
+
 def requeue_on_preemption(rank: int, requested: bool = True) -> str | None:
     """Called by every rank after the preemption checkpoint: wait until all ranks saved, then rank 0 puts this
     job (or this array task) back in the queue with `scontrol requeue`, and the requeued job resumes from the
@@ -76,10 +95,15 @@ def requeue_on_preemption(rank: int, requested: bool = True) -> str | None:
     if rank != 0 or not requested or target is None or os.environ.get("GDRO_REQUEUE") != "1":
         return None
     try:
-        r = subprocess.run(["scontrol", "requeue", target], check=False, capture_output=True, text=True,
-                           timeout=60)
+        with _term_ignored():  # scontrol inherits it: see _term_ignored
+            r = subprocess.run(["scontrol", "requeue", target], check=False, capture_output=True, text=True,
+                               timeout=60)
     except (OSError, subprocess.TimeoutExpired) as e:
         print(f"slurm: could not requeue job {target} ({e}); resubmit it to resume", flush=True)
+        return None
+    if r.returncode < 0:
+        print(f"slurm: scontrol requeue {target} was killed by {signal.Signals(-r.returncode).name}; the job may "
+              "have been requeued all the same (squeue shows it), else resubmit to resume", flush=True)
         return None
     if r.returncode != 0:
         print(f"slurm: scontrol requeue {target} failed: {(r.stderr or r.stdout).strip()}; resubmit to resume",

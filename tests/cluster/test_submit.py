@@ -278,6 +278,37 @@ def test_a_failed_requeue_is_reported_not_raised(tmp_path, monkeypatch, capsys):
     assert "Only batch jobs are accepted; resubmit to resume" in capsys.readouterr().out
 
 
+def test_the_requeue_survives_the_sigterm_it_triggers(tmp_path, monkeypatch, capsys):
+    """`scontrol requeue` of a running job makes slurmd SIGTERM every process of the job, scontrol (a child of
+    rank 0) included, often before it has exited: it must not die of it and be reported as a failure (a real
+    CI run printed "scontrol requeue 47 failed: ; resubmit to resume" for a job that was requeued). The fake
+    scontrol sends itself TERM after the request, as slurmd would, and then exits 0."""
+    from pipeline.preemption import requeue_on_preemption
+
+    fake_tool(tmp_path / "bin", "scontrol", f'kill -TERM $$\necho "$*" > {tmp_path / "called"}\n')
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "47")
+    monkeypatch.setenv("GDRO_REQUEUE", "1")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    before = signal.getsignal(signal.SIGTERM)
+    assert requeue_on_preemption(0, True) == "47"
+    assert "slurm: requeued job 47; it resumes from the checkpoint" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) is before  # this process's own handling is back
+
+
+def test_a_requeue_killed_by_a_signal_says_so(tmp_path, monkeypatch, capsys):
+    from pipeline.preemption import requeue_on_preemption
+
+    fake_tool(tmp_path / "bin", "scontrol", "kill -KILL $$\n")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "47")
+    monkeypatch.setenv("GDRO_REQUEUE", "1")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    assert requeue_on_preemption(0, True) is None
+    out = capsys.readouterr().out
+    assert "scontrol requeue 47 was killed by SIGKILL" in out and "failed: ;" not in out
+
+
 # ------------------------------------------------------------------------------------------------ small parts
 def test_job_state_summaries():
     from pipeline.slurm import _count_tasks, _summary
