@@ -350,3 +350,31 @@ def test_bad_deepspeed_config_files(tmp_path, content, fragment):
     (tmp_path / "ds.json").write_text(content)
     with pytest.raises(GdroError, match=fragment.replace("(", r"\(")):
         deepspeed_config({}, str(tmp_path / "ds.json"), 2)
+
+
+def test_the_rollouts_requeue_trap_survives_the_sigterm_it_triggers(tmp_path):
+    """The rollouts script's USR2 trap stops the task and runs `scontrol requeue`, which makes slurmd TERM the
+    whole job, scontrol included. The fake scontrol TERMs itself after the request, as slurmd would: the
+    task must still end 0 with the request made (with TERM not ignored, `set -e` ended it 143)."""
+    import subprocess
+    import time
+
+    fake = tmp_path / "bin"
+    r = gdro("submit", "rollouts", "--dry-run", *BASE, *sets(f"train.out={tmp_path / 'run'}",
+                                                            f"slurm.python={fake / 'python'}"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "rollouts.sbatch").write_text(split_scripts(r.stdout)["rollouts"][1])
+    fake_tool(fake, "python", f"touch {tmp_path / 'started'}\nexec sleep 60\n")
+    fake_tool(fake, "scontrol", f'echo "$*" > {tmp_path / "called"}\nkill -TERM $$\nexit 0\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{fake}:{env['PATH']}", SLURM_ARRAY_JOB_ID="51", SLURM_ARRAY_TASK_ID="0",
+               SLURM_ARRAY_TASK_COUNT="2")
+    p = subprocess.Popen(["bash", str(tmp_path / "rollouts.sbatch")], env=env, stdout=subprocess.PIPE, text=True)
+    for _ in range(200):
+        if (tmp_path / "started").exists():
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGUSR2)
+    out, _ = p.communicate(timeout=60)
+    assert (tmp_path / "called").read_text().split() == ["requeue", "51_0"]
+    assert p.returncode == 0, out
