@@ -34,7 +34,7 @@ from pipeline.eval.tables import format_table, kind_table
 from pipeline.flow import sample_t
 from pipeline.prompt_files import load_prompts
 from pipeline.sampling import SamplerConfig
-from pipeline.toy.prompts import KINDS, all_prompts, noisy_scene, sample_scene
+from pipeline.toy.prompts import KINDS, PERTURBED_KINDS, all_prompts, noisy_scene, sample_scene
 from pipeline.toy.scoring import score_images
 from pipeline.toy.world import render, to_unit
 
@@ -139,6 +139,9 @@ def _load_init(model: torch.nn.ModuleDict, folder: Path) -> None:
 
 
 def main(cfg: ToyPretrainConfig) -> Path:
+    unknown = sorted(set(cfg.noisy_kinds) - set(PERTURBED_KINDS))
+    if unknown:
+        raise GdroError(f"noisy_kinds: {', '.join(unknown)} cannot be perturbed; choose from {', '.join(PERTURBED_KINDS)}")
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)

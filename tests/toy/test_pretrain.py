@@ -108,9 +108,11 @@ def test_pretraining_pairs_are_noisy_at_the_configured_rate_on_the_noisy_kinds_o
     assert set(NOISY_KINDS) == {"two_object", "counting", "position"}  # colours stay clean (see prompts.py)
 
 
-def test_noise_settings_are_checked():
+def test_noise_settings_are_checked(tmp_path):
+    assert ToyPretrainConfig().noisy_kinds == list(NOISY_KINDS)  # the config's default is the world's list
     with pytest.raises(GdroError, match="noisy_kinds: single_object"):
-        ToyPretrainConfig(noisy_kinds=["single_object"]).check("")
+        main(_tiny(tmp_path / "m", noisy_kinds=["single_object"]))
+    assert not (tmp_path / "m").exists()  # refused before anything is written
     with pytest.raises(GdroError, match="relation_noise"):
         ToyPretrainConfig(relation_noise="sideways").check("")
 
