@@ -266,14 +266,19 @@ def test_rank_0_requeues_the_job(tmp_path, monkeypatch, capsys, rank, usr2, env,
         assert got is None and not (tmp_path / "called").exists()
 
 
+def rank0_of_job(tmp_path, monkeypatch, job: str, scontrol_body: str) -> None:
+    """This process as rank 0 of Slurm job `job` that may requeue itself, with a fake scontrol."""
+    fake_tool(tmp_path / "bin", "scontrol", scontrol_body)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", job)
+    monkeypatch.setenv("GDRO_REQUEUE", "1")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+
+
 def test_a_failed_requeue_is_reported_not_raised(tmp_path, monkeypatch, capsys):
     from pipeline.preemption import requeue_on_preemption
 
-    fake_tool(tmp_path / "bin", "scontrol", 'echo "scontrol: error: Only batch jobs are accepted" >&2; exit 1\n')
-    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
-    monkeypatch.setenv("SLURM_JOB_ID", "9")
-    monkeypatch.setenv("GDRO_REQUEUE", "1")
-    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    rank0_of_job(tmp_path, monkeypatch, "9", 'echo "scontrol: error: Only batch jobs are accepted" >&2; exit 1\n')
     assert requeue_on_preemption(0, True) is None
     assert "Only batch jobs are accepted; resubmit to resume" in capsys.readouterr().out
 
@@ -285,11 +290,7 @@ def test_the_requeue_survives_the_sigterm_it_triggers(tmp_path, monkeypatch, cap
     scontrol sends itself TERM after the request, as slurmd would, and then exits 0."""
     from pipeline.preemption import requeue_on_preemption
 
-    fake_tool(tmp_path / "bin", "scontrol", f'kill -TERM $$\necho "$*" > {tmp_path / "called"}\n')
-    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
-    monkeypatch.setenv("SLURM_JOB_ID", "47")
-    monkeypatch.setenv("GDRO_REQUEUE", "1")
-    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    rank0_of_job(tmp_path, monkeypatch, "47", f'kill -TERM $$\necho "$*" > {tmp_path / "called"}\n')
     before = signal.getsignal(signal.SIGTERM)
     assert requeue_on_preemption(0, True) == "47"
     assert "slurm: requeued job 47; it resumes from the checkpoint" in capsys.readouterr().out
@@ -299,11 +300,7 @@ def test_the_requeue_survives_the_sigterm_it_triggers(tmp_path, monkeypatch, cap
 def test_a_requeue_killed_by_a_signal_says_so(tmp_path, monkeypatch, capsys):
     from pipeline.preemption import requeue_on_preemption
 
-    fake_tool(tmp_path / "bin", "scontrol", "kill -KILL $$\n")
-    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
-    monkeypatch.setenv("SLURM_JOB_ID", "47")
-    monkeypatch.setenv("GDRO_REQUEUE", "1")
-    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    rank0_of_job(tmp_path, monkeypatch, "47", "kill -KILL $$\n")
     assert requeue_on_preemption(0, True) is None
     out = capsys.readouterr().out
     assert "scontrol requeue 47 was killed by SIGKILL" in out and "failed: ;" not in out
