@@ -122,9 +122,12 @@ def test_cached_reference_errors_match_an_independent_computation(tiny_toy_model
         pooled = torch.from_numpy(np.load(io.BytesIO(raw["pooled_embeds.npy"]), allow_pickle=False))
         assert len(rec["ref_t"]) == len(rec["ref_noise_seeds"]) == len(rec["ref_errors"]) == 2
         for k in range(2):
-            # t_k ~ U(0, 1) from its own seeded generator; the noise seed is shared by the group
+            # t_k ~ U(t_min, t_max) from its own seeded generator (the toy preset clips to [0.5, 1], DGPO's
+            # timestep clip); the noise seed is shared by the group
             t_gen = torch.Generator().manual_seed(_seed(0, pid, 0, f"ref_t{k}"))
-            assert rec["ref_t"][k] == pytest.approx(float(torch.rand(1, generator=t_gen)[0]), abs=1e-7)
+            u = float(torch.rand(1, generator=t_gen)[0])
+            assert rec["ref_t"][k] == pytest.approx(0.5 + 0.5 * u, abs=1e-7)
+            assert 0.5 <= rec["ref_t"][k] <= 1.0
             seed = rec["ref_noise_seeds"][k]
             assert seed == _seed(0, pid, 0, f"ref_eps{k}")
             t = torch.tensor(rec["ref_t"][k], dtype=torch.float32)

@@ -51,7 +51,7 @@ def test_the_comparison_runs_end_to_end_and_fills_the_docs(tiny_toy_model, tmp_p
     off = res["methods"]["offline gdro"]["curve"]
     assert [p.get("step") for p in off] == [None, None, 1, 2]  # base at 0, base until stage one ends, checkpoints
     assert off[1]["wall_s"] > 0 and all(a["wall_s"] <= b["wall_s"] for a, b in itertools.pairwise(off))
-    assert res["served"] == ["gdro (dgpo)", "nft"]
+    assert res["served"] == [f"gdro ({cfg.train.loss})", "nft"]  # the preset's loss, then the extra one
     for row in res["summary"]["rows"]:
         assert row["t90_s"] == time_to_fraction(res["methods"][row["method"]]["curve"], "strict")
         assert f"| {row['method']} |" in text

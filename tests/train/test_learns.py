@@ -1,6 +1,6 @@
-"""Stage two learns what the reward asks, and the test can tell: DGPO on a dataset scored by mean brightness
-raises the brightness of a fixed prompt set sampled with fixed noise, against the base; the same run with the
-loss's sign flipped lowers it."""
+"""Stage two learns what the reward asks, and the test can tell: DGPO (and `dpo`, the toy preset's loss) on a
+dataset scored by mean brightness raises the brightness of a fixed prompt set sampled with fixed noise, against
+the base; the same run with the loss's sign flipped lowers it."""
 from __future__ import annotations
 
 import dataclasses
@@ -32,8 +32,9 @@ def bright_dataset(tiny_toy_model, tmp_path_factory):
                          REWARD)
 
 
+@pytest.mark.parametrize("loss", ["dgpo", "dpo"])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_dgpo_moves_the_reward_of_held_out_prompts(bright_dataset, tiny_toy_model, sign, monkeypatch):
+def test_the_loss_moves_the_reward_of_held_out_prompts(bright_dataset, tiny_toy_model, sign, loss, monkeypatch):
     from stages import train
 
     if sign < 0:  # the same run, descending the reward instead
@@ -44,8 +45,9 @@ def test_dgpo_moves_the_reward_of_held_out_prompts(bright_dataset, tiny_toy_mode
             return dataclasses.replace(out, loss=-out.loss)
 
         monkeypatch.setattr(train, "group_loss", flipped)
-    out = bright_dataset.parent / f"run_sign{sign:+.0f}"
-    run_train(make_cfg(tiny_toy_model, bright_dataset, out, "train.steps=12", "train.save_every=12"))
+    out = bright_dataset.parent / f"run_{loss}_sign{sign:+.0f}"
+    run_train(make_cfg(tiny_toy_model, bright_dataset, out, f"train.loss={loss}", "train.steps=12",
+                       "train.save_every=12"))
     before, after = _brightness(tiny_toy_model), _brightness(out / "export")
     if sign > 0:
         assert after > before + 0.01, (before, after)
