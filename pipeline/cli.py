@@ -371,8 +371,8 @@ def toy_pretrain(files, overrides):
 
     A rerun with the same settings resumes from <out>/state (same result as an uninterrupted run).
 
-    The shipped weights in models/toy-base come from `gdro toy pretrain --set out=models/toy-base`
-    with the defaults (seed 0); see README, "The toy base model".
+    The shipped weights in models/toy-base come from two runs (`make toy-base`): --config
+    pipeline/toy/recipes/base_stage1.yaml, then base_stage2.yaml; see docs/toy_world.md.
     """
     from .config import ToyPretrainConfig, dump, resolve
 
