@@ -300,7 +300,7 @@ class EvalConfig:
 
 @dataclass
 class OnlineConfig:
-    """The online baselines (stages/baselines/, `gdro baselines run`): kept for comparison, not product recipes.
+    """The online baselines (stages/baselines/, `gdro online`): kept for comparison, not product recipes.
     Each iteration samples from the current policy, scores, and updates; the model, prompt pool (rollouts.prompts,
     rollouts.num_prompts), group size, rewards (train.reward_weights over rollouts.rewards), beta, adv_clip, lr
     and the evaluation (eval.*) are the product's keys, so every method runs on the same task."""
