@@ -88,7 +88,7 @@ def rounds(preset, files, overrides, n_rounds, out):
     click.echo(run(cfg, rounds=n_rounds, out=Path(out)))
 
 
-# the comparison's own scale (about 85 minutes on 2 CPU cores; docs/offline_vs_online.md), before the user's --set
+# the comparison's own scale (about 65 minutes on 2 CPU cores, measured; docs/offline_vs_online.md), before the user's --set
 COMPARISON_SETTINGS = ("rollouts.num_prompts=256", "train.steps=200", "train.save_every=40",
                        "train.keep_checkpoints=10", "eval.num_prompts=150", "online.iterations=100000",
                        "online.eval_every=4", "online.groups=8", "online.updates=4")

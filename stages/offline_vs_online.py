@@ -8,9 +8,11 @@ On the same base model, prompt pool, rewards and held-out lines (eval.*, the sam
 - the online baselines (stages/baselines/: DGPO, DiffusionNFT, Flow-GRPO), each with the wall-clock budget of
   offline round 1 (online.max_wall_s), evaluated every online.eval_every iterations;
 - the ground-truth ceiling (a model folder: stages/toy_ceiling.py's export) as a horizontal line.
-Every point is scored by one function (stages.baselines.common.scores_of). Reported: the final scores, the time
-to 90% of each method's final gain, offline's over online DGPO's time. Resumable: finished parts (rounds, runs,
-online results, scored points under <out>/points/) are kept. Writes <out>/{table.md, results.json, curves.png}
+Every point is scored by one function (stages.baselines.common.scores_of). Reported: the final scores, the final
+model's gain with its paired bootstrap 95% interval (`gdro eval` of its folder against the base, the same lines
+and noise: the rounds' own evaluations, <out>/final/ for the others), the time to 90% of each method's final
+gain, offline's over online DGPO's time. Resumable: finished parts (rounds, runs, online results, scored points
+under <out>/points/, final evaluations) are kept. Writes <out>/{table.md, results.json, curves.png}
 and, with a docs folder, the block between the markers of <docs>/offline_vs_online.md and
 <docs>/img/offline_vs_online.png.
 """
@@ -52,6 +54,21 @@ def _scored(out: Path, cfg: ExperimentConfig, ref: runs.ModelRef, base: str, met
     return res
 
 
+def _final_gain(out: Path, cfg: ExperimentConfig, slug: str, model: Path) -> dict:
+    """The final model's gain over the base with its paired, kind-stratified bootstrap interval: `gdro eval` of
+    the model folder against the base on the same lines and noise (its results.json, kept in <out>/final/<slug>/:
+    the report and grids are there to look at)."""
+    from stages.evaluate import main as evaluate
+
+    d = out / "final" / slug
+    if not (d / "results.json").is_file():
+        c = copy.deepcopy(cfg)
+        c.eval.checkpoint, c.eval.out = str(model), str(d)
+        evaluate(c)
+    last = json.loads((d / "results.json").read_text())["models"][-1]
+    return {"value": last["gain"]["value"], "ci": last["gain"].get("ci")}
+
+
 def _train_clock(run: Path, train_s: float) -> dict[int, float]:
     """{step: seconds since `gdro train` started}: the loop's own step times, the start-up (train_s minus their
     sum: DeepSpeed, data) charged before the first step."""
@@ -91,6 +108,7 @@ def summarise(methods: dict[str, dict], target: str, ood: str) -> dict:
     for name, m in methods.items():
         c = m["curve"]
         rows.append({"method": name, "target": c[-1][target], "gain": c[-1][target] - c[0][target],
+                     "gain_ci": (m.get("final_gain") or {}).get("ci"),
                      "ood": c[-1][ood], "ood_change": c[-1][ood] - c[0][ood], "wall_s": c[-1]["wall_s"],
                      "t90_s": time_to_fraction(c, target), "images": m.get("images")})
     by = {r["method"]: r for r in rows}
@@ -103,10 +121,13 @@ def format_table(summary: dict, target: str, ood: str, ceiling: float | None, se
     def num(v, fmt):
         return format(v, fmt) if v is not None else "n/a"
 
-    lines = [f"| method | {target} | gain | {ood} (change) | wall-clock s | s to 90% of its gain | images generated |",
-             "|---|---|---|---|---|---|---|"]
+    def ci(r):
+        return f" [{r['gain_ci'][0]:+.3f}, {r['gain_ci'][1]:+.3f}]" if r.get("gain_ci") else ""
+
+    lines = [(f"| method | {target} | gain (95% CI) | {ood} (change) | wall-clock s | s to 90% of its gain | "
+              f"images generated |"), "|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
-        lines.append(f"| {r['method']} | {r['target']:.3f} | {r['gain']:+.3f} | {r['ood']:.3f} ({r['ood_change']:+.3f}) "
+        lines.append(f"| {r['method']} | {r['target']:.3f} | {r['gain']:+.3f}{ci(r)} | {r['ood']:.3f} ({r['ood_change']:+.3f}) "
                      f"| {r['wall_s']:.0f} | {num(r['t90_s'], '.0f')} | {num(r['images'], 'd')} |")
     if ceiling is not None:
         lines.append(f"| ceiling: true renders (outside the paradigm) | {ceiling:.3f} | | | | | |")
@@ -183,14 +204,16 @@ def main(cfg: ExperimentConfig, *, out: Path, n_rounds: int = 2, extra_losses: t
     stage_one = r1["rollouts_s"]
     methods = {"offline gdro": {"curve": offline_curve(out, cfg, Path(r1["run"]), base, stage_one, r1["train_s"],
                                                        metas, rewards, base_scores),
-                                "images": _images(Path(r1["dataset"]))}}
+                                "images": _images(Path(r1["dataset"])),
+                                "final_gain": {"value": r1["gain"], "ci": r1["gain_ci"]}}}
     chain, total = [{"wall_s": 0.0, **base_scores}], 0.0
     for k, r in enumerate(recs, 1):
         total += r["rollouts_s"] + r["train_s"]
         export = runs.ModelRef(f"round {k}", None, Path(r["run"]) / runs.EXPORT, "folder")
         chain.append({"wall_s": total, "round": k, **_scored(out, cfg, export, base, metas, rewards)})
     methods[f"offline rounds (1-{n_rounds})"] = {"curve": chain,
-                                                 "images": sum(_images(Path(r["dataset"])) for r in recs)}
+                                                 "images": sum(_images(Path(r["dataset"])) for r in recs),
+                                                 "final_gain": {"value": recs[-1]["gain"], "ci": recs[-1]["gain_ci"]}}
     served = [f"gdro ({cfg.train.loss})"]
     for loss in extra_losses:
         run = out / f"offline_{loss}"
@@ -203,7 +226,8 @@ def main(cfg: ExperimentConfig, *, out: Path, n_rounds: int = 2, extra_losses: t
             layout.atomic_write(timing, json.dumps({"train_s": round(time.time() - t0, 2)}).encode())
         methods[f"offline {loss}"] = {"curve": offline_curve(out, cfg, run, base, stage_one,
                                                              json.loads(timing.read_text())["train_s"], metas,
-                                                             rewards, base_scores), "images": 0}
+                                                             rewards, base_scores), "images": 0,
+                                     "final_gain": _final_gain(out, cfg, f"offline_{loss}", run / runs.EXPORT)}
         served.append(loss)
 
     # ---- online, each with the wall-clock of offline round 1
@@ -217,7 +241,8 @@ def main(cfg: ExperimentConfig, *, out: Path, n_rounds: int = 2, extra_losses: t
             run_online(c)
         res = json.loads((o_dir / RESULT).read_text())
         methods[{"dgpo": "online DGPO", "nft": "online NFT", "flow-grpo": "online Flow-GRPO"}[m]] = {
-            "curve": res["curve"], "images": res["images"]}
+            "curve": res["curve"], "images": res["images"],
+            "final_gain": _final_gain(out, cfg, f"online_{m}", o_dir / "export")}
 
     # ---- the ceiling, the numbers, the figure, the page
     ceiling_score = None

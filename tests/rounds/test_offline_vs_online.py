@@ -54,6 +54,8 @@ def test_the_comparison_runs_end_to_end_and_fills_the_docs(tiny_toy_model, tmp_p
     assert res["served"] == [f"gdro ({cfg.train.loss})", "nft"]  # the preset's loss, then the extra one
     for row in res["summary"]["rows"]:
         assert row["t90_s"] == time_to_fraction(res["methods"][row["method"]]["curve"], "strict")
+        # the interval's evaluation (`gdro eval` of the final model folder) scores what the curve's last point says
+        assert res["methods"][row["method"]]["final_gain"]["value"] == pytest.approx(row["gain"], abs=1e-9)
         assert f"| {row['method']} |" in text
     page = (docs / "offline_vs_online.md").read_text()
     assert "Not run yet" not in page and BEGIN in page and END in page and "img/offline_vs_online.png" in page
@@ -71,3 +73,17 @@ def test_time_to_ninety_percent():
     curve[2]["s"] = 0.495
     assert time_to_fraction(curve, "s") == 20
     assert time_to_fraction([{"wall_s": 0, "s": 0.4}, {"wall_s": 5, "s": 0.3}], "s") is None
+
+
+def test_the_table_shows_each_final_gain_with_its_interval():
+    from stages.offline_vs_online import format_table, summarise
+
+    base = {"wall_s": 0, "strict": 0.4, "quality": 0.8}
+    methods = {"offline gdro": {"curve": [base, {"wall_s": 10, "strict": 0.45, "quality": 0.79}], "images": 8,
+                                "final_gain": {"value": 0.05, "ci": [0.01, 0.09]}},
+               "online DGPO": {"curve": [base, {"wall_s": 5, "strict": 0.42, "quality": 0.8}], "images": 16}}
+    summary = summarise(methods, "strict", "quality")
+    text = format_table(summary, "strict", "quality", None, ["gdro (dpo)"])
+    assert "| offline gdro | 0.450 | +0.050 [+0.010, +0.090] | 0.790 (-0.010) | 10 | 10 | 8 |" in text
+    assert "| online DGPO | 0.420 | +0.020 | 0.800 (+0.000) | 5 | 5 | 16 |" in text  # no interval: none shown
+    assert summary["t90_ratio_offline_over_online_dgpo"] == 2.0
