@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from pipeline.errors import GdroError
+from pipeline.eval.tables import format_estimate
 
 
 def parse_variant(spec: str) -> tuple[str, str, list[str]]:
@@ -54,15 +55,15 @@ def _row(label: str, res: dict, wall: float | None, ceiling_gain: float | None) 
 
 
 def format_table(rows: list[dict], target: str, ood: str) -> str:
-    def ci(r):
-        return f" [{r['gain_ci'][0]:+.3f}, {r['gain_ci'][1]:+.3f}]" if r["gain_ci"] else ""
+    def gain(r):
+        return format_estimate({"value": r["gain"], "ci": r["gain_ci"]}, signed=True)
 
     lines = [f"| variant | {target} | gain (95% CI) | share of ceiling | {ood} (change) | train + eval s |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         share = f"{r['share']:.0%}" if r["share"] is not None else ""
         wall = f"{r['wall_s']:.0f}" if r["wall_s"] is not None else ""
-        lines.append(f"| {r['variant']} | {r['target']:.3f} | {r['gain']:+.3f}{ci(r)} | {share} | "
+        lines.append(f"| {r['variant']} | {r['target']:.3f} | {gain(r)} | {share} | "
                      f"{r['ood']:.3f} ({r['ood_change']:+.3f}) | {wall} |")
     return "\n".join(lines)
 

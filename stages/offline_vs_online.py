@@ -28,6 +28,7 @@ from pathlib import Path
 from pipeline import runs
 from pipeline.config import ExperimentConfig
 from pipeline.errors import GdroError
+from pipeline.eval.tables import format_estimate
 from schemas import layout
 
 from . import rounds as rounds_recipe
@@ -121,13 +122,13 @@ def format_table(summary: dict, target: str, ood: str, ceiling: float | None, se
     def num(v, fmt):
         return format(v, fmt) if v is not None else "n/a"
 
-    def ci(r):
-        return f" [{r['gain_ci'][0]:+.3f}, {r['gain_ci'][1]:+.3f}]" if r.get("gain_ci") else ""
+    def gain(r):
+        return format_estimate({"value": r["gain"], "ci": r.get("gain_ci")}, signed=True)
 
     lines = [(f"| method | {target} | gain (95% CI) | {ood} (change) | wall-clock s | s to 90% of its gain | "
               f"images generated |"), "|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
-        lines.append(f"| {r['method']} | {r['target']:.3f} | {r['gain']:+.3f}{ci(r)} | {r['ood']:.3f} ({r['ood_change']:+.3f}) "
+        lines.append(f"| {r['method']} | {r['target']:.3f} | {gain(r)} | {r['ood']:.3f} ({r['ood_change']:+.3f}) "
                      f"| {r['wall_s']:.0f} | {num(r['t90_s'], '.0f')} | {num(r['images'], 'd')} |")
     if ceiling is not None:
         lines.append(f"| ceiling: true renders (outside the paradigm) | {ceiling:.3f} | | | | | |")

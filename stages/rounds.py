@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pipeline.config import ExperimentConfig, save_resolved
 from pipeline.errors import GdroError
+from pipeline.eval.tables import format_estimate
 from schemas import layout
 
 ROUND_DONE = "round.json"
@@ -106,8 +107,8 @@ def summary_table(records: list[dict]) -> str:
     total = 0.0
     for r in records:
         total += r.get("rollouts_s", 0.0) + r.get("train_s", 0.0)
-        ci = f" [{r['gain_ci'][0]:+.3f}, {r['gain_ci'][1]:+.3f}]" if r.get("gain_ci") else ""
-        lines.append(f"| {r['round']} | {r['score']:.3f} | {r['gain']:+.3f}{ci} | {r['ood']:.3f} | "
+        gain = format_estimate({"value": r["gain"], "ci": r.get("gain_ci")}, signed=True)
+        lines.append(f"| {r['round']} | {r['score']:.3f} | {gain} | {r['ood']:.3f} | "
                      f"{r.get('rollouts_s', 0):.0f} | {r.get('train_s', 0):.0f} | {total:.0f} |")
     return "\n".join(lines)
 

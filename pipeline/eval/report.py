@@ -20,7 +20,7 @@ from .stats import (
     resampled_overall,
     win_scores,
 )
-from .tables import kind_table
+from .tables import format_estimate, kind_table
 
 FORMULA = ("corrected = (T - T_ref) - lambda * (loss + h * max(0, -slope)); loss = mean over out-of-domain "
            "scores O of max(0, 1 - O / O_ref); slope = least-squares slope of O / O_ref over the last `window` "
@@ -215,16 +215,6 @@ def plot_selection(records: list[dict], path: Path, target: str, ood: list[str])
 
 
 # ------------------------------------------------------------------------------------------------ the page
-def _fmt(est: dict | None, signed: bool = False) -> str:
-    if est is None:
-        return ""
-    f = "{:+.3f}" if signed else "{:.3f}"
-    s = f.format(est["value"])
-    if est.get("ci"):
-        s += " [" + ", ".join(f.format(v) for v in est["ci"]) + "]"
-    return s
-
-
 def report_blocks(summary: dict, meta: dict, figures: dict) -> list[tuple]:
     """The page as blocks: ("h", level, text) | ("p", text) | ("table", header, rows) | ("img", path, alt)."""
     T, O = summary["target"], summary["out_of_domain"]
@@ -243,16 +233,16 @@ def report_blocks(summary: dict, meta: dict, figures: dict) -> list[tuple]:
     rows = []
     for m in summary["models"]:
         rows.append([m["label"], "" if m["step"] is None else str(m["step"]),
-                     *[_fmt(m["overall"][k]) for k in summary["metrics"]],
-                     _fmt(m.get("win_rate", {}).get(T)), _fmt(m.get("gain"), True), _fmt(m.get("corrected"), True)])
+                     *[format_estimate(m["overall"][k]) for k in summary["metrics"]],
+                     format_estimate(m.get("win_rate", {}).get(T)), format_estimate(m.get("gain"), True), format_estimate(m.get("corrected"), True)])
     blocks += [("h", 2, "Summary"), ("table", header, rows)]
     if summary["best"]:
         blocks.append(("p", f"Best trained model by corrected score: **{summary['best']}**."))
     tr = summary["trend"]
     if tr:
         blocks += [("h", 2, "Hacking trend"),
-                   ("p", (f"Over steps {tr['steps']}: target {T} {_fmt(tr['target_per_1000'], True)} per 1000 steps; "
-                         f"out-of-domain score relative to the reference {_fmt(tr['out_of_domain_rel_per_1000'], True)}"
+                   ("p", (f"Over steps {tr['steps']}: target {T} {format_estimate(tr['target_per_1000'], True)} per 1000 steps; "
+                         f"out-of-domain score relative to the reference {format_estimate(tr['out_of_domain_rel_per_1000'], True)}"
                          f" per 1000 steps. Verdict: **{tr['verdict']}**."))]
     if figures.get("curves"):
         blocks += [("h", 2, "Curves"), ("img", figures["curves"], "scores and corrected score over training steps")]

@@ -26,6 +26,18 @@ def kind_table(scores: dict[str, np.ndarray], kinds: list[str]) -> dict[str, dic
     return table
 
 
+def format_estimate(est: dict | None, signed: bool = False) -> str:
+    """{"value": v, "ci": [lo, hi] or None} -> "v [lo, hi]" (3 decimals; `signed` for gains); "" for None. The one
+    way an estimate and its interval are written: the report page and the recipes' tables."""
+    if est is None:
+        return ""
+    f = "{:+.3f}" if signed else "{:.3f}"
+    s = f.format(est["value"])
+    if est.get("ci"):
+        s += " [" + ", ".join(f.format(v) for v in est["ci"]) + "]"
+    return s
+
+
 def format_table(table: dict[str, dict[str, float]]) -> str:
     cols = list(next(iter(table.values())))  # the kinds, then overall
     width = max(9, *(len(m) + 1 for m in table))
