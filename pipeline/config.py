@@ -66,6 +66,7 @@ class ToyPretrainConfig:
     # kinds whose captions are noisy (= toy.prompts.NOISY_KINDS; checked against PERTURBED_KINDS by the recipe)
     noisy_kinds: list[str] = field(default_factory=lambda: ["two_object", "counting", "position"])
     relation_noise: str = "other"  # a noisy relation is drawn on: other (any other side) | opposite (the first base)
+    count_noise: str = "either"  # a noisy count n is drawn as: either (n - 1 or n + 1) | up (n + 1; n - 1 at the top)
     seed: int = 0
     init: str = ""  # a toy model folder to start from (continued pre-training); "" = random weights from `seed`
     threads: int = 2  # torch CPU threads
@@ -73,6 +74,7 @@ class ToyPretrainConfig:
     denoiser: str = "unet"  # unet (UNet2DConditionModel, the shipped base) | sd3 (SD3Transformer2DModel)
     unet_channels: list[int] = field(default_factory=lambda: [32, 64, 128])  # unet: channels at 32, 16, 8 px
     unet_layers_per_block: int = 1
+    unet_cross_attention: int = 1  # unet: coarsest resolutions with cross-attention (1: 8x8 only; 2: also 16x16)
     layers: int = 6  # sd3: transformer blocks
     heads: int = 4  # sd3: attention heads
     head_dim: int = 32  # attention head width (both denoisers)
@@ -87,7 +89,7 @@ class ToyPretrainConfig:
 
     def check(self, key: str) -> None:
         for name in ("steps", "batch_size", "lr", "warmup_steps", "threads", "eval_every", "eval_n",
-                     "state_every", "unet_layers_per_block"):
+                     "state_every", "unet_layers_per_block", "unet_cross_attention"):
             _positive(f"{key}{name}", getattr(self, name))
         if not 0.0 <= self.ema_decay < 1.0:
             raise GdroError(f"{key}ema_decay must be in [0, 1), got {self.ema_decay}")
@@ -97,6 +99,8 @@ class ToyPretrainConfig:
             raise GdroError(f"{key}caption_noise must be in [0, 1], got {self.caption_noise}")
         if self.relation_noise not in ("other", "opposite"):
             raise GdroError(f"{key}relation_noise must be other or opposite, got {self.relation_noise!r}")
+        if self.count_noise not in ("either", "up"):
+            raise GdroError(f"{key}count_noise must be either or up, got {self.count_noise!r}")
         if self.denoiser not in ("unet", "sd3"):
             raise GdroError(f"{key}denoiser must be unet or sd3, got {self.denoiser!r}")
 

@@ -40,14 +40,14 @@ from pipeline.toy.world import render, to_unit
 
 
 def _batch(rng: np.random.Generator, by_kind: dict[str, list[dict]], n: int, dropout: float, noise: float,
-           noisy_kinds: tuple[str, ...], relation: str):
+           noisy_kinds: tuple[str, ...], relation: str, count: str = "either"):
     prompts, images = [], []
     for _ in range(n):
         pool = by_kind[KINDS[int(rng.integers(len(KINDS)))]]
         meta = pool[int(rng.integers(len(pool)))]
         u = rng.random()  # drawn for every pair, so the noise settings change no other draw of the stream
         noisy = meta["tag"] in noisy_kinds and u < noise
-        images.append(to_unit(render(noisy_scene(meta, rng, relation) if noisy else sample_scene(meta, rng))))
+        images.append(to_unit(render(noisy_scene(meta, rng, relation, count) if noisy else sample_scene(meta, rng))))
         prompts.append("" if rng.random() < dropout else meta["prompt"])
     return prompts, torch.from_numpy(np.stack(images))
 
@@ -62,7 +62,8 @@ def evaluate(backend: ToyBackend, metas: list[dict], sampler: SamplerConfig, *, 
 def _denoiser(cfg: ToyPretrainConfig):
     if cfg.denoiser == "unet":
         return build_unet(text_dim=cfg.text_dim, pooled_dim=cfg.text_dim, channels=tuple(cfg.unet_channels),
-                          layers_per_block=cfg.unet_layers_per_block, head_dim=cfg.head_dim)
+                          layers_per_block=cfg.unet_layers_per_block, head_dim=cfg.head_dim,
+                          cross_attention_levels=cfg.unet_cross_attention)
     return build_transformer(text_dim=cfg.text_dim, pooled_dim=cfg.text_dim, layers=cfg.layers, heads=cfg.heads,
                              head_dim=cfg.head_dim, patch_size=cfg.patch_size)
 
@@ -173,7 +174,7 @@ def main(cfg: ToyPretrainConfig) -> Path:
     bar = tqdm(range(start + 1, cfg.steps + 1), desc="toy pretrain", unit="step", initial=start, total=cfg.steps)
     for step in bar:
         prompts, x0 = _batch(rng, by_kind, cfg.batch_size, cfg.caption_dropout, cfg.caption_noise,
-                             tuple(cfg.noisy_kinds), cfg.relation_noise)
+                             tuple(cfg.noisy_kinds), cfg.relation_noise, cfg.count_noise)
         eps = torch.randn(x0.shape, generator=gen)
         t = sample_t(x0.shape[0], gen, law="logit_normal", t_min=0.0, t_max=1.0)  # SD3's law
         xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps

@@ -108,17 +108,23 @@ def build_transformer(*, text_dim: int = 128, pooled_dim: int = 128, layers: int
 
 
 def build_unet(*, text_dim: int = 128, pooled_dim: int = 128, channels: tuple[int, ...] = (32, 64, 128),
-               layers_per_block: int = 1, head_dim: int = 32):
+               layers_per_block: int = 1, head_dim: int = 32, cross_attention_levels: int = 1):
     """A small UNet2DConditionModel on 32x32x3 pixels: convolutions at 32, 16 and 8 px, cross-attention to the
-    prompt only at 8x8 (where a pixel sees the whole scene), the pooled prompt vector added to the timestep
-    embedding. Convolutions draw crisp shapes on CPU budgets where a 4-px-patch transformer draws blobs."""
+    prompt at the ``cross_attention_levels`` coarsest resolutions (1: only at 8x8, where a pixel sees the whole
+    scene; 2: also at 16x16, where a prompt word can address a region; the finer levels attend to the prompt
+    only, since self-attention over 256 pixels would double a step's cost), the pooled prompt vector added to
+    the timestep embedding. Convolutions draw crisp shapes on CPU budgets where a 4-px-patch transformer draws blobs."""
     from diffusers import UNet2DConditionModel
 
     n = len(channels)
+    if not 1 <= cross_attention_levels <= n:
+        raise ValueError(f"cross_attention_levels must be in [1, {n}], got {cross_attention_levels}")
+    k = cross_attention_levels
     return UNet2DConditionModel(
         sample_size=SIZE, in_channels=3, out_channels=3, block_out_channels=tuple(channels),
-        down_block_types=("DownBlock2D",) * (n - 1) + ("CrossAttnDownBlock2D",),
-        up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (n - 1),
+        down_block_types=("DownBlock2D",) * (n - k) + ("CrossAttnDownBlock2D",) * k,
+        up_block_types=("CrossAttnUpBlock2D",) * k + ("UpBlock2D",) * (n - k),
+        only_cross_attention=(False,) * (n - k) + (True,) * (k - 1) + (False,),
         layers_per_block=layers_per_block, cross_attention_dim=text_dim, attention_head_dim=head_dim,
         norm_num_groups=8, class_embed_type="projection", projection_class_embeddings_input_dim=pooled_dim,
     )

@@ -171,10 +171,11 @@ PERTURBED_KINDS = ("two_object", "counting", "colors", "position", "color_attr")
 NOISY_KINDS = ("two_object", "counting", "position")
 
 
-def perturb(meta: dict, rng: np.random.Generator, relation: str = "other") -> dict:
+def perturb(meta: dict, rng: np.random.Generator, relation: str = "other", count: str = "either") -> dict:
     """The metadata of a scene that differs from `meta` in one compositional fact (its caption is not changed:
     the caller pairs the original caption with a render of this scene). Single-object prompts come back as
-    they are. Per kind: two objects -> one of them missing; a count n -> n - 1 or n + 1 (within 1..4);
+    they are. Per kind: two objects -> one of them missing; a count n -> n - 1 or n + 1 (within 1..4;
+    ``count="up"``: n + 1, or n - 1 at the world's largest count);
     a colour -> another colour; a relation -> one of the three others (``relation="opposite"``: its opposite);
     two coloured objects -> their colours swapped (one recoloured if
     they share a colour)."""
@@ -185,6 +186,8 @@ def perturb(meta: dict, rng: np.random.Generator, relation: str = "other") -> di
     elif kind == "counting":
         n = int(inc[0]["count"])
         options = [m for m in (n - 1, n + 1) if 1 <= m <= max(NUMBERS)]
+        if count == "up":  # one-sided: the caption's count is no longer the likeliest at rates > 1/2
+            options = options[-1:]
         inc[0]["count"] = options[int(rng.integers(len(options)))]
         return {**meta, "include": inc, "exclude": [{**inc[0], "count": inc[0]["count"] + 1}]}
     elif kind == "colors":
@@ -210,12 +213,13 @@ def perturb(meta: dict, rng: np.random.Generator, relation: str = "other") -> di
     return {**meta, "include": inc}
 
 
-def noisy_scene(meta: dict, rng: np.random.Generator, relation: str = "other", max_tries: int = 100) -> list[Obj]:
+def noisy_scene(meta: dict, rng: np.random.Generator, relation: str = "other", count: str = "either",
+                max_tries: int = 100) -> list[Obj]:
     """A scene of `perturb(meta)` that the verifier rejects for `meta` itself: a noisy pair's image never
     happens to satisfy its caption. Only a relation can (drawn on another side, it may still hold on the
     caption's axis); every other perturbation changes a fact the verifier counts, so only those are re-checked."""
     for _ in range(max_tries):
-        scene = sample_scene(perturb(meta, rng, relation), rng)
+        scene = sample_scene(perturb(meta, rng, relation, count), rng)
         if meta["tag"] != "position" or not verify(render(scene), meta)[0].strict:
             return scene
     raise RuntimeError(f"no perturbed scene of {meta['prompt']!r} fails its caption in {max_tries} tries")

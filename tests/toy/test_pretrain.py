@@ -86,6 +86,20 @@ def test_a_noisy_relation_is_another_side():
     assert {perturb(meta, rng, "opposite")["include"][1]["position"][0] for _ in range(20)} == {"right of"}
 
 
+def test_a_noisy_count_is_one_sided_with_count_up():
+    """"either": n - 1 and n + 1 both appear (within 1..4), so the caption's count stays the mode of the drawn
+    counts at any rate; "up": always n + 1 (n - 1 at the world's largest count), so above rate 1/2 the mode is off."""
+    rng = np.random.default_rng(3)
+    for n, up, either in ((2, {3}, {1, 3}), (3, {4}, {2, 4}), (4, {3}, {3})):
+        meta = next(p for p in all_prompts() if p["tag"] == "counting" and p["include"][0]["count"] == n)
+        assert {perturb(meta, rng, count="up")["include"][0]["count"] for _ in range(40)} == up, n
+        assert {perturb(meta, rng)["include"][0]["count"] for _ in range(40)} == either, n
+        for _ in range(5):  # the drawn scene has the perturbed count, which fails the caption
+            scene = noisy_scene(meta, rng, count="up")
+            assert sum(o.shape == meta["include"][0]["class"] for o in scene) in up
+            assert not verify(render(scene), meta)[0].strict
+
+
 def test_pretraining_pairs_are_noisy_at_the_configured_rate_on_the_noisy_kinds_only():
     """Brute force over the pairs `_batch` draws: a pair is noisy exactly when its image fails its caption (a
     true render never does), so the verifier counts the noisy share per kind."""
@@ -115,6 +129,8 @@ def test_noise_settings_are_checked(tmp_path):
     assert not (tmp_path / "m").exists()  # refused before anything is written
     with pytest.raises(GdroError, match="relation_noise"):
         ToyPretrainConfig(relation_noise="sideways").check("")
+    with pytest.raises(GdroError, match="count_noise"):
+        ToyPretrainConfig(count_noise="down").check("")
 
 
 def test_init_starts_from_a_model_folders_weights(tmp_path):
@@ -129,3 +145,23 @@ def test_init_starts_from_a_model_folders_weights(tmp_path):
     assert not all(torch.allclose(a[k], c[k], atol=1e-3) for k in a)
     with pytest.raises(GdroError, match="init: .* does not fit"):
         main(_tiny(tmp_path / "d", steps=2, eval_every=100, unet_channels=[16, 16, 32], init=str(first)))
+
+
+def test_cross_attention_levels_choose_where_the_unet_reads_the_prompt(tmp_path):
+    """1 (the shipped base): cross-attention at 8x8 only; 2: also at 16x16, attending to the prompt only (no
+    self-attention over 256 pixels); the setting reaches the saved model, and a level outside [1, 3] is refused."""
+    from pipeline.backends.toy import build_unet
+
+    def attends(unet):  # per down block: None (convolutions only) or its attention's only_cross_attention
+        return [None if not hasattr(b, "attentions") else b.attentions[0].transformer_blocks[0].only_cross_attention
+                for b in unet.down_blocks]
+
+    kw = {"text_dim": 32, "pooled_dim": 32, "channels": (8, 16, 32), "head_dim": 8}
+    assert attends(build_unet(**kw)) == [None, None, False]
+    assert attends(build_unet(**kw, cross_attention_levels=2)) == [None, True, False]
+    assert attends(build_unet(**kw, cross_attention_levels=3)) == [True, True, False]
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match="cross_attention_levels"):
+            build_unet(**kw, cross_attention_levels=bad)
+    out = main(_tiny(tmp_path / "m", steps=2, eval_every=2, unet_cross_attention=2))
+    assert attends(ToyBackend.from_pretrained(out).transformer) == [None, True, False]
