@@ -69,6 +69,9 @@ class ToyPretrainConfig:
     count_noise: str = "either"  # a noisy count n is drawn as: either (n - 1 or n + 1) | up (n + 1; n - 1 at the top)
     seed: int = 0
     init: str = ""  # a toy model folder to start from (continued pre-training); "" = random weights from `seed`
+    # false: the text encoder keeps its initial weights and only the denoiser learns (as a real base's frozen
+    # CLIP/T5, and as the ceiling and stage two, which never train it)
+    train_text_encoder: bool = True
     threads: int = 2  # torch CPU threads
     text_dim: int = 128
     denoiser: str = "unet"  # unet (UNet2DConditionModel, the shipped base) | sd3 (SD3Transformer2DModel)

@@ -152,10 +152,13 @@ def main(cfg: ToyPretrainConfig) -> Path:
     model = torch.nn.ModuleDict({"text": text, "transformer": _denoiser(cfg)})
     if cfg.init:
         _load_init(model, Path(cfg.init))
+    model["text"].requires_grad_(cfg.train_text_encoder)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"toy base model: {cfg.denoiser}, {n_params / 1e6:.2f} M parameters")
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    print(f"toy base model: {cfg.denoiser}, {n_params / 1e6:.2f} M parameters"
+          + ("" if cfg.train_text_encoder else " (text encoder frozen)"))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -183,7 +186,7 @@ def main(cfg: ToyPretrainConfig) -> Path:
         loss = F.mse_loss(v, eps - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        gnorm = torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         sched.step()
         update_module_ema(ema, model, cfg.ema_decay if step > cfg.warmup_steps else 0.0)

@@ -165,3 +165,19 @@ def test_cross_attention_levels_choose_where_the_unet_reads_the_prompt(tmp_path)
             build_unet(**kw, cross_attention_levels=bad)
     out = main(_tiny(tmp_path / "m", steps=2, eval_every=2, unet_cross_attention=2))
     assert attends(ToyBackend.from_pretrained(out).transformer) == [None, True, False]
+
+
+def test_a_frozen_text_encoder_keeps_its_init_weights_while_the_denoiser_learns(tmp_path):
+    """train_text_encoder=false: the saved text encoder is its init folder's, bit for bit; the denoiser moves.
+    With the default (true) both move, so the check can fail."""
+    first = main(_tiny(tmp_path / "a", steps=3, eval_every=100))
+    frozen = main(_tiny(tmp_path / "b", steps=4, eval_every=100, init=str(first), train_text_encoder=False))
+    trained = main(_tiny(tmp_path / "c", steps=4, eval_every=100, init=str(first)))
+    text, unet = "text_encoder/model.safetensors", "transformer/diffusion_pytorch_model.safetensors"
+
+    def same(a, b, sub):
+        x, y = load_file(str(a / sub)), load_file(str(b / sub))
+        return all(torch.equal(x[k], y[k]) for k in x)
+
+    assert same(first, frozen, text) and not same(first, frozen, unet)
+    assert not same(first, trained, text)
