@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 
@@ -67,6 +67,7 @@ class ToyPretrainConfig:
     noisy_kinds: list[str] = field(default_factory=lambda: ["two_object", "counting", "position"])
     relation_noise: str = "other"  # a noisy relation is drawn on: other (any other side) | opposite (the first base)
     count_noise: str = "either"  # a noisy count n is drawn as: either (n - 1 or n + 1) | up (n + 1; n - 1 at the top)
+    color_noise: str = "other"  # a noisy colour is: other (any other colour) | next (the palette's next one)
     seed: int = 0
     init: str = ""  # a toy model folder to start from (continued pre-training); "" = random weights from `seed`
     # false: the text encoder keeps its initial weights and only the denoiser learns (as a real base's frozen
@@ -90,6 +91,9 @@ class ToyPretrainConfig:
     keep_every: int = 800  # also keep a weights folder every this many steps (0: only the final one)
     state_every: int = 100  # steps between resumable states (<out>/state/); a rerun of the same config resumes
 
+    NOISE_CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "relation": ("other", "opposite"), "count": ("either", "up"), "color": ("other", "next")}
+
     def check(self, key: str) -> None:
         for name in ("steps", "batch_size", "lr", "warmup_steps", "threads", "eval_every", "eval_n",
                      "state_every", "unet_layers_per_block", "unet_cross_attention"):
@@ -100,10 +104,10 @@ class ToyPretrainConfig:
             raise GdroError(f"{key}caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if not 0.0 <= self.caption_noise <= 1.0:
             raise GdroError(f"{key}caption_noise must be in [0, 1], got {self.caption_noise}")
-        if self.relation_noise not in ("other", "opposite"):
-            raise GdroError(f"{key}relation_noise must be other or opposite, got {self.relation_noise!r}")
-        if self.count_noise not in ("either", "up"):
-            raise GdroError(f"{key}count_noise must be either or up, got {self.count_noise!r}")
+        for name, allowed in self.NOISE_CHOICES.items():  # = toy.prompts.CaptionNoise.CHOICES (a test checks)
+            value = getattr(self, f"{name}_noise")
+            if value not in allowed:
+                raise GdroError(f"{key}{name}_noise must be {' or '.join(allowed)}, got {value!r}")
         if self.denoiser not in ("unet", "sd3"):
             raise GdroError(f"{key}denoiser must be unet or sd3, got {self.denoiser!r}")
 

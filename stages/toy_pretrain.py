@@ -34,20 +34,28 @@ from pipeline.eval.tables import format_table, kind_table
 from pipeline.flow import sample_t
 from pipeline.prompt_files import load_prompts
 from pipeline.sampling import SamplerConfig
-from pipeline.toy.prompts import KINDS, PERTURBED_KINDS, all_prompts, noisy_scene, sample_scene
+from pipeline.toy.prompts import (
+    DEFAULT_NOISE,
+    KINDS,
+    PERTURBED_KINDS,
+    CaptionNoise,
+    all_prompts,
+    noisy_scene,
+    sample_scene,
+)
 from pipeline.toy.scoring import score_images
 from pipeline.toy.world import render, to_unit
 
 
 def _batch(rng: np.random.Generator, by_kind: dict[str, list[dict]], n: int, dropout: float, noise: float,
-           noisy_kinds: tuple[str, ...], relation: str, count: str = "either"):
+           noisy_kinds: tuple[str, ...], how: CaptionNoise = DEFAULT_NOISE):
     prompts, images = [], []
     for _ in range(n):
         pool = by_kind[KINDS[int(rng.integers(len(KINDS)))]]
         meta = pool[int(rng.integers(len(pool)))]
         u = rng.random()  # drawn for every pair, so the noise settings change no other draw of the stream
         noisy = meta["tag"] in noisy_kinds and u < noise
-        images.append(to_unit(render(noisy_scene(meta, rng, relation, count) if noisy else sample_scene(meta, rng))))
+        images.append(to_unit(render(noisy_scene(meta, rng, how) if noisy else sample_scene(meta, rng))))
         prompts.append("" if rng.random() < dropout else meta["prompt"])
     return prompts, torch.from_numpy(np.stack(images))
 
@@ -169,6 +177,7 @@ def main(cfg: ToyPretrainConfig) -> Path:
         print(f"toy pretrain: resumed from {state_dir} at step {start}")
     _truncate_log(out / "pretrain_log.jsonl", start)
     by_kind = {k: [p for p in all_prompts() if p["tag"] == k] for k in KINDS}
+    noise = CaptionNoise(relation=cfg.relation_noise, count=cfg.count_noise, color=cfg.color_noise)
     eval_metas = load_prompts(cfg.eval_prompts)[: cfg.eval_n]
     sampler = SamplerConfig(steps=cfg.eval_sampler_steps, guidance=cfg.eval_guidance)
     log = (out / "pretrain_log.jsonl").open("a")
@@ -177,7 +186,7 @@ def main(cfg: ToyPretrainConfig) -> Path:
     bar = tqdm(range(start + 1, cfg.steps + 1), desc="toy pretrain", unit="step", initial=start, total=cfg.steps)
     for step in bar:
         prompts, x0 = _batch(rng, by_kind, cfg.batch_size, cfg.caption_dropout, cfg.caption_noise,
-                             tuple(cfg.noisy_kinds), cfg.relation_noise, cfg.count_noise)
+                             tuple(cfg.noisy_kinds), noise)
         eps = torch.randn(x0.shape, generator=gen)
         t = sample_t(x0.shape[0], gen, law="logit_normal", t_min=0.0, t_max=1.0)  # SD3's law
         xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps

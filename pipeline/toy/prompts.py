@@ -10,7 +10,9 @@ from __future__ import annotations
 import itertools
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -171,14 +173,34 @@ PERTURBED_KINDS = ("two_object", "counting", "colors", "position", "color_attr")
 NOISY_KINDS = ("two_object", "counting", "position")
 
 
-def perturb(meta: dict, rng: np.random.Generator, relation: str = "other", count: str = "either") -> dict:
+@dataclass(frozen=True)
+class CaptionNoise:
+    """How a noisy pair's scene differs from its caption, per kind (`perturb`). A two-sided setting keeps the
+    caption's fact the likeliest at any rate < 1 - 1/k (k the number of alternatives); a one-sided one makes a
+    single wrong fact the likeliest above rate 1/2, which guidance at sampling then amplifies."""
+    relation: str = "other"  # other: any other side | opposite: the opposite side (one-sided)
+    count: str = "either"  # either: n - 1 or n + 1 | up: n + 1, n - 1 at the world's largest count (one-sided)
+    color: str = "other"  # other: any other colour | next: the next colour of the palette (one-sided)
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"relation": ("other", "opposite"), "count": ("either", "up"), "color": ("other", "next")}
+
+    def __post_init__(self):
+        for name, allowed in self.CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} noise must be {' or '.join(allowed)}, got {getattr(self, name)!r}")
+
+
+DEFAULT_NOISE = CaptionNoise()
+
+
+def perturb(meta: dict, rng: np.random.Generator, how: CaptionNoise = DEFAULT_NOISE) -> dict:
     """The metadata of a scene that differs from `meta` in one compositional fact (its caption is not changed:
     the caller pairs the original caption with a render of this scene). Single-object prompts come back as
     they are. Per kind: two objects -> one of them missing; a count n -> n - 1 or n + 1 (within 1..4;
-    ``count="up"``: n + 1, or n - 1 at the world's largest count);
-    a colour -> another colour; a relation -> one of the three others (``relation="opposite"``: its opposite);
-    two coloured objects -> their colours swapped (one recoloured if
-    they share a colour)."""
+    ``how.count="up"``: n + 1, or n - 1 at the world's largest count); a colour -> another colour
+    (``how.color="next"``: the palette's next one); a relation -> one of the three others
+    (``how.relation="opposite"``: its opposite); two coloured objects -> their colours swapped (one
+    recoloured if they share a colour)."""
     kind = meta["tag"]
     inc = [dict(o) for o in meta["include"]]
     if kind == "two_object":
@@ -186,16 +208,17 @@ def perturb(meta: dict, rng: np.random.Generator, relation: str = "other", count
     elif kind == "counting":
         n = int(inc[0]["count"])
         options = [m for m in (n - 1, n + 1) if 1 <= m <= max(NUMBERS)]
-        if count == "up":  # one-sided: the caption's count is no longer the likeliest at rates > 1/2
+        if how.count == "up":  # one-sided: the caption's count is no longer the likeliest at rates > 1/2
             options = options[-1:]
         inc[0]["count"] = options[int(rng.integers(len(options)))]
         return {**meta, "include": inc, "exclude": [{**inc[0], "count": inc[0]["count"] + 1}]}
     elif kind == "colors":
-        others = [c for c in COLORS if c != inc[0]["color"]]
+        i = COLORS.index(inc[0]["color"])
+        others = [COLORS[(i + 1) % len(COLORS)]] if how.color == "next" else [c for c in COLORS if c != COLORS[i]]
         inc[0]["color"] = others[int(rng.integers(len(others)))]
     elif kind == "position":
         rel = inc[1]["position"][0]
-        if relation == "opposite":  # at rate 1/2 the caption then says nothing about the side (the first base)
+        if how.relation == "opposite":  # at rate 1/2 the caption then says nothing about the side (the first base)
             rel = OPPOSITE[rel]
         else:  # any other side: the caption's relation stays the likeliest one at any rate < 3/4
             others = [r for r in RELATIONS if r != rel]
@@ -213,13 +236,13 @@ def perturb(meta: dict, rng: np.random.Generator, relation: str = "other", count
     return {**meta, "include": inc}
 
 
-def noisy_scene(meta: dict, rng: np.random.Generator, relation: str = "other", count: str = "either",
+def noisy_scene(meta: dict, rng: np.random.Generator, how: CaptionNoise = DEFAULT_NOISE,
                 max_tries: int = 100) -> list[Obj]:
     """A scene of `perturb(meta)` that the verifier rejects for `meta` itself: a noisy pair's image never
     happens to satisfy its caption. Only a relation can (drawn on another side, it may still hold on the
     caption's axis); every other perturbation changes a fact the verifier counts, so only those are re-checked."""
     for _ in range(max_tries):
-        scene = sample_scene(perturb(meta, rng, relation, count), rng)
+        scene = sample_scene(perturb(meta, rng, how), rng)
         if meta["tag"] != "position" or not verify(render(scene), meta)[0].strict:
             return scene
     raise RuntimeError(f"no perturbed scene of {meta['prompt']!r} fails its caption in {max_tries} tries")

@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from pipeline.backends.toy import ToyBackend
 from pipeline.config import ToyPretrainConfig
 from pipeline.errors import GdroError
-from pipeline.toy.prompts import KINDS, NOISY_KINDS, all_prompts, noisy_scene, perturb, sample_scene
+from pipeline.toy.prompts import KINDS, NOISY_KINDS, CaptionNoise, all_prompts, noisy_scene, perturb, sample_scene
 from pipeline.toy.verifier import verify
-from pipeline.toy.world import from_unit, render
+from pipeline.toy.world import COLORS, from_unit, render
 from stages.toy_pretrain import _batch, main
 
 
@@ -69,10 +69,10 @@ def test_perturbed_scenes_fail_their_caption_and_stay_drawable(relation):
     rng = np.random.default_rng(0)
     for meta in all_prompts():
         for _ in range(2):
-            other = perturb(meta, rng, relation)
+            other = perturb(meta, rng, CaptionNoise(relation=relation))
             assert verify(render(sample_scene(other, rng)), other)[0].strict, other
             if meta["tag"] != "single_object":
-                assert not verify(render(noisy_scene(meta, rng, relation)), meta)[0].strict, meta
+                assert not verify(render(noisy_scene(meta, rng, CaptionNoise(relation=relation))), meta)[0].strict, meta
 
 
 def test_a_noisy_relation_is_another_side():
@@ -83,7 +83,7 @@ def test_a_noisy_relation_is_another_side():
     meta = next(p for p in all_prompts() if p["tag"] == "position" and p["include"][1]["position"][0] == "left of")
     drawn = collections.Counter(perturb(meta, rng)["include"][1]["position"][0] for _ in range(300))
     assert set(drawn) == {"right of", "above", "below"} and min(drawn.values()) > 70
-    assert {perturb(meta, rng, "opposite")["include"][1]["position"][0] for _ in range(20)} == {"right of"}
+    assert {perturb(meta, rng, CaptionNoise(relation="opposite"))["include"][1]["position"][0] for _ in range(20)} == {"right of"}
 
 
 def test_a_noisy_count_is_one_sided_with_count_up():
@@ -92,10 +92,10 @@ def test_a_noisy_count_is_one_sided_with_count_up():
     rng = np.random.default_rng(3)
     for n, up, either in ((2, {3}, {1, 3}), (3, {4}, {2, 4}), (4, {3}, {3})):
         meta = next(p for p in all_prompts() if p["tag"] == "counting" and p["include"][0]["count"] == n)
-        assert {perturb(meta, rng, count="up")["include"][0]["count"] for _ in range(40)} == up, n
+        assert {perturb(meta, rng, CaptionNoise(count="up"))["include"][0]["count"] for _ in range(40)} == up, n
         assert {perturb(meta, rng)["include"][0]["count"] for _ in range(40)} == either, n
         for _ in range(5):  # the drawn scene has the perturbed count, which fails the caption
-            scene = noisy_scene(meta, rng, count="up")
+            scene = noisy_scene(meta, rng, CaptionNoise(count="up"))
             assert sum(o.shape == meta["include"][0]["class"] for o in scene) in up
             assert not verify(render(scene), meta)[0].strict
 
@@ -108,7 +108,7 @@ def test_pretraining_pairs_are_noisy_at_the_configured_rate_on_the_noisy_kinds_o
     rng = np.random.default_rng(2)
     failed, seen = collections.Counter(), collections.Counter()
     for _ in range(30):
-        prompts, images = _batch(rng, by_kind, 64, 0.0, 0.7, NOISY_KINDS, "other")
+        prompts, images = _batch(rng, by_kind, 64, 0.0, 0.7, NOISY_KINDS)
         for text, img in zip(prompts, images.numpy()):
             meta = by_text[text]
             seen[meta["tag"]] += 1
@@ -131,6 +131,25 @@ def test_noise_settings_are_checked(tmp_path):
         ToyPretrainConfig(relation_noise="sideways").check("")
     with pytest.raises(GdroError, match="count_noise"):
         ToyPretrainConfig(count_noise="down").check("")
+    with pytest.raises(GdroError, match="color_noise"):
+        ToyPretrainConfig(color_noise="any").check("")
+    assert ToyPretrainConfig.NOISE_CHOICES == CaptionNoise.CHOICES  # the config checks what the world accepts
+    with pytest.raises(ValueError, match="count noise"):
+        CaptionNoise(count="down")
+
+
+def test_a_noisy_colour_is_the_palettes_next_one_with_color_next():
+    """"other": all five other colours appear, so the caption's colour stays the likeliest below rate 5/6;
+    "next": always the palette's next colour (white wraps to red), one-sided above rate 1/2; the scene drawn
+    has that colour and fails its caption."""
+    rng = np.random.default_rng(4)
+    for color, nxt in (("red", "green"), ("purple", "white"), ("white", "red")):
+        meta = next(p for p in all_prompts() if p["tag"] == "colors" and p["include"][0]["color"] == color)
+        others = collections.Counter(perturb(meta, rng)["include"][0]["color"] for _ in range(200))
+        assert set(others) == set(COLORS) - {color} and min(others.values()) > 20
+        assert {perturb(meta, rng, CaptionNoise(color="next"))["include"][0]["color"] for _ in range(20)} == {nxt}
+        scene = noisy_scene(meta, rng, CaptionNoise(color="next"))
+        assert [o.color for o in scene] == [nxt] and not verify(render(scene), meta)[0].strict
 
 
 def test_init_starts_from_a_model_folders_weights(tmp_path):
