@@ -30,7 +30,14 @@ from pipeline.toy.prompts import sample_scene
 from pipeline.toy.world import render, to_unit
 
 
-def main(cfg: ExperimentConfig, *, out: Path, lr: float = 1e-4, seed: int = 0) -> Path:
+def main(cfg: ExperimentConfig, *, out: Path, lr: float = 1e-4, seed: int = 0, t_draws: str = "pretrain") -> Path:
+    """t_draws: "pretrain" (logit-normal on [0, 1], the pre-training law) or "training" (the law and range of
+    the dataset's cached draws, rollouts.t_law on [rollouts.t_min, rollouts.t_max]: the timesteps `gdro train`
+    sees, so only what a reward run could reach is fitted)."""
+    if t_draws not in ("pretrain", "training"):
+        raise GdroError(f"t_draws must be pretrain or training, got {t_draws!r}")
+    r = cfg.rollouts
+    law, t_lo, t_hi = ("logit_normal", 0.0, 1.0) if t_draws == "pretrain" else (r.t_law, r.t_min, r.t_max)
     if cfg.model.backend != "toy":
         raise GdroError("the ground-truth ceiling needs the toy world's renderer: model.backend must be toy")
     t = cfg.train
@@ -53,7 +60,7 @@ def main(cfg: ExperimentConfig, *, out: Path, lr: float = 1e-4, seed: int = 0) -
         batch = [metas[int(i)] for i in rng.integers(len(metas), size=n)]
         x0 = torch.from_numpy(np.stack([to_unit(render(sample_scene(m, rng))) for m in batch]))
         cond = base.encode_prompts([m["prompt"] for m in batch])  # the frozen text encoder, as in stage one
-        tt = sample_t(n, gen, law="logit_normal", t_min=0.0, t_max=1.0)  # the pre-training law
+        tt = sample_t(n, gen, law=law, t_min=t_lo, t_max=t_hi)
         eps = torch.randn(x0.shape, generator=gen)
         loss = flow_errors(lambda x, s, c: transformer_velocity(policy, x, s, c), x0, eps, tt, cond).mean()
         opt.zero_grad(set_to_none=True)
@@ -72,6 +79,7 @@ def main(cfg: ExperimentConfig, *, out: Path, lr: float = 1e-4, seed: int = 0) -
     shutil.rmtree(out / "export", ignore_errors=True)
     tmp.rename(out / "export")
     info = {"steps": t.steps, "images_per_step": n, "lr": lr, "seed": seed, "ema_decay": t.ema_decay,
+            "t_draws": t_draws, "t_law": law, "t_range": [t_lo, t_hi],
             "train_prompts": len(metas), "wall_s": round(wall, 1), "base": cfg.model.path,
             "train": to_dict(t)}
     (out / "ceiling.json").write_text(json.dumps(info, indent=1) + "\n")
