@@ -22,6 +22,11 @@ How the toy base gets there (`make toy-base`: the two recipes in `pipeline/toy/r
   colour noise makes a pixel's colour multimodal and a 16-step sampler then paints averaged, off-palette
   colours, a drawing failure rather than a composition one (stage 1 had it, with colours right on 0.28).
 
+How a noisy scene differs from its caption is one `prompts.CaptionNoise` (per kind: two-sided, so the
+caption's fact stays the likeliest, or one-sided, so above rate 1/2 a single wrong fact is, which guidance at
+sampling amplifies); `train_text_encoder=false` keeps the text encoder fixed in a noisy stage, as the ceiling
+and stage two do. Both are measured in docs/research/LOG.md and off in the shipped recipes.
+
 `gdro toy score` checks a base against its targets (strict accuracy 0.25-0.55, single objects >= 0.85,
 quality >= 0.8 x that of true renders); `gdro toy ceiling` measures how far ground-truth data would take it.
 """
