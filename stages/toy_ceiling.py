@@ -28,6 +28,7 @@ from pipeline.flow import flow_errors, sample_t
 from pipeline.prompt_files import load_prompts
 from pipeline.toy.prompts import sample_scene
 from pipeline.toy.world import render, to_unit
+from stages.toy_pretrain import PRETRAIN_T
 
 
 def main(cfg: ExperimentConfig, *, out: Path, lr: float = 1e-4, seed: int = 0, t_draws: str = "pretrain") -> Path:
@@ -37,7 +38,7 @@ def main(cfg: ExperimentConfig, *, out: Path, lr: float = 1e-4, seed: int = 0, t
     if t_draws not in ("pretrain", "training"):
         raise GdroError(f"t_draws must be pretrain or training, got {t_draws!r}")
     r = cfg.rollouts
-    law, t_lo, t_hi = ("logit_normal", 0.0, 1.0) if t_draws == "pretrain" else (r.t_law, r.t_min, r.t_max)
+    draws = PRETRAIN_T if t_draws == "pretrain" else {"law": r.t_law, "t_min": r.t_min, "t_max": r.t_max}
     if cfg.model.backend != "toy":
         raise GdroError("the ground-truth ceiling needs the toy world's renderer: model.backend must be toy")
     t = cfg.train
@@ -60,7 +61,7 @@ def main(cfg: ExperimentConfig, *, out: Path, lr: float = 1e-4, seed: int = 0, t
         batch = [metas[int(i)] for i in rng.integers(len(metas), size=n)]
         x0 = torch.from_numpy(np.stack([to_unit(render(sample_scene(m, rng))) for m in batch]))
         cond = base.encode_prompts([m["prompt"] for m in batch])  # the frozen text encoder, as in stage one
-        tt = sample_t(n, gen, law=law, t_min=t_lo, t_max=t_hi)
+        tt = sample_t(n, gen, **draws)
         eps = torch.randn(x0.shape, generator=gen)
         loss = flow_errors(lambda x, s, c: transformer_velocity(policy, x, s, c), x0, eps, tt, cond).mean()
         opt.zero_grad(set_to_none=True)
@@ -79,7 +80,7 @@ def main(cfg: ExperimentConfig, *, out: Path, lr: float = 1e-4, seed: int = 0, t
     shutil.rmtree(out / "export", ignore_errors=True)
     tmp.rename(out / "export")
     info = {"steps": t.steps, "images_per_step": n, "lr": lr, "seed": seed, "ema_decay": t.ema_decay,
-            "t_draws": t_draws, "t_law": law, "t_range": [t_lo, t_hi],
+            "t_draws": t_draws, "t_law": draws["law"], "t_range": [draws["t_min"], draws["t_max"]],
             "train_prompts": len(metas), "wall_s": round(wall, 1), "base": cfg.model.path,
             "train": to_dict(t)}
     (out / "ceiling.json").write_text(json.dumps(info, indent=1) + "\n")

@@ -46,6 +46,8 @@ from pipeline.toy.prompts import (
 from pipeline.toy.scoring import score_images
 from pipeline.toy.world import render, to_unit
 
+PRETRAIN_T = {"law": "logit_normal", "t_min": 0.0, "t_max": 1.0}  # SD3's law; the ceiling's default too
+
 
 def _batch(rng: np.random.Generator, by_kind: dict[str, list[dict]], n: int, dropout: float, noise: float,
            noisy_kinds: tuple[str, ...], how: CaptionNoise = DEFAULT_NOISE):
@@ -188,7 +190,7 @@ def main(cfg: ToyPretrainConfig) -> Path:
         prompts, x0 = _batch(rng, by_kind, cfg.batch_size, cfg.caption_dropout, cfg.caption_noise,
                              tuple(cfg.noisy_kinds), noise)
         eps = torch.randn(x0.shape, generator=gen)
-        t = sample_t(x0.shape[0], gen, law="logit_normal", t_min=0.0, t_max=1.0)  # SD3's law
+        t = sample_t(x0.shape[0], gen, **PRETRAIN_T)
         xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
         h, pooled = model["text"](model["text"].tokenize(prompts))
         v = transformer_velocity(model["transformer"], xt, t, Conditioning(h, pooled))
