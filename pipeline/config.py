@@ -110,6 +110,9 @@ class ToyPretrainConfig:
                 raise GdroError(f"{key}{name}_noise must be {' or '.join(allowed)}, got {value!r}")
         if self.denoiser not in ("unet", "sd3"):
             raise GdroError(f"{key}denoiser must be unet or sd3, got {self.denoiser!r}")
+        if self.denoiser == "unet" and self.unet_cross_attention > len(self.unet_channels):
+            raise GdroError(f"{key}unet_cross_attention must be at most the number of UNet levels "
+                            f"(len(unet_channels) = {len(self.unet_channels)}), got {self.unet_cross_attention}")
 
 
 @dataclass

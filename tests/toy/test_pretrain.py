@@ -182,6 +182,9 @@ def test_cross_attention_levels_choose_where_the_unet_reads_the_prompt(tmp_path)
     for bad in (0, 4):
         with pytest.raises(ValueError, match="cross_attention_levels"):
             build_unet(**kw, cross_attention_levels=bad)
+    with pytest.raises(GdroError, match="unet_cross_attention must be at most .* = 3.*got 4"):
+        ToyPretrainConfig(unet_cross_attention=4).check("")  # the recipe's key is named before start-up
+    ToyPretrainConfig(unet_cross_attention=4, denoiser="sd3").check("")  # a setting of the unet only
     out = main(_tiny(tmp_path / "m", steps=2, eval_every=2, unet_cross_attention=2))
     assert attends(ToyBackend.from_pretrained(out).transformer) == [None, True, False]
 
