@@ -1,6 +1,7 @@
 """The `gdro` command line: one subcommand per stage. User errors end in one line on stderr and exit code 2."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import tempfile
@@ -420,8 +421,9 @@ def toy_samples(model, out, prompts, per_kind, seeds, steps, guidance):
 @toy.command("score")
 @click.option("--model", default="models/toy-base", show_default=True, type=click.Path())
 @click.option("--prompts", default="prompts/toy_test.jsonl", show_default=True, type=click.Path())
-@click.option("--steps", default=16, show_default=True, help="Euler steps.")
-@click.option("--guidance", default=1.0, show_default=True)
+@click.option("--steps", type=int, default=None, help="Euler steps [default: the toy preset's sampler.steps].")
+@click.option("--guidance", type=float, default=None,
+              help="Classifier-free guidance [default: the toy preset's sampler.guidance].")
 @click.option("--limit", default=0, help="Only the first N prompt lines (0 = all).")
 @click.option("--seed", default=777, show_default=True, help="Noise seeds (777 = gdro eval's eval.base_seed).")
 def toy_score(model, prompts, steps, guidance, limit, seed):
@@ -431,17 +433,19 @@ def toy_score(model, prompts, steps, guidance, limit, seed):
     from .eval.fixed_noise import sample_prompt_set
     from .eval.tables import format_table, kind_table
     from .prompt_files import load_prompts
-    from .sampling import SamplerConfig
     from .toy.scoring import base_target_checks, score_images, true_render_scores
 
+    preset = _experiment("toy", (), (), show=False).sampler  # the sampler of rollouts and `gdro eval`
+    sampler = dataclasses.replace(preset, steps=preset.steps if steps is None else steps,
+                                  guidance=preset.guidance if guidance is None else guidance)
     metas = load_prompts(prompts)
     metas = metas[:limit] if limit else metas
     kinds = [m["tag"] for m in metas]
-    images = sample_prompt_set(ToyBackend.from_pretrained(model), metas,
-                               SamplerConfig(steps=steps, guidance=guidance), base_seed=seed)
+    images = sample_prompt_set(ToyBackend.from_pretrained(model), metas, sampler, base_seed=seed)
     table = kind_table(score_images(images, metas), kinds)
     truth = kind_table(true_render_scores(metas), kinds)
-    click.echo(f"{model} on {len(metas)} lines of {prompts}:\n{format_table(table)}")
+    click.echo(f"{model} on {len(metas)} lines of {prompts} ({sampler.steps} Euler steps, guidance "
+               f"{sampler.guidance:g}):\n{format_table(table)}")
     click.echo(f"\ntrue renders of the same lines:\n{format_table(truth)}\n\nbase-model checks:")
     for what, value, met in base_target_checks(table, truth["quality"]["overall"]):
         click.echo(f"  {'PASS' if met else 'MISS'}  {what}: {value:.3f}")

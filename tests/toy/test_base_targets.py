@@ -26,3 +26,36 @@ def test_true_renders_pass_and_are_seeded():
     a, b = true_render_scores(metas), true_render_scores(metas)
     assert a["strict"].mean() == 1.0 and np.array_equal(a["quality"], b["quality"])
     assert not np.array_equal(a["quality"], true_render_scores(metas, seed=1)["quality"])
+
+
+def test_score_samples_with_the_presets_sampler_unless_told(monkeypatch):
+    """`gdro toy score` checks the base as rollouts and `gdro eval` sample it: the toy preset's sampler (here made
+    guided, 4 steps, so that a fixed default would show), with --steps / --guidance overriding one field each."""
+    import dataclasses
+
+    from click.testing import CliRunner
+
+    import pipeline.cli as cli
+    import pipeline.eval.fixed_noise as fixed_noise
+
+    real = cli._experiment
+
+    def guided(preset, files, overrides, **kw):
+        cfg = real(preset, files, overrides, **kw)
+        return dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, steps=4, guidance=3.0, shift=2.0))
+
+    seen = []
+
+    def fake_sample(backend, metas, sampler, base_seed):
+        seen.append(sampler)
+        return np.zeros((len(metas), 32, 32, 3), np.uint8)
+
+    monkeypatch.setattr(cli, "_experiment", guided)
+    monkeypatch.setattr(fixed_noise, "sample_prompt_set", fake_sample)
+    args = ["toy", "score", "--model", str(REPO / "models" / "toy-base"), "--limit", "2",
+            "--prompts", str(REPO / "prompts" / "toy_test.jsonl")]
+    for extra in ([], ["--guidance", "1.5"], ["--steps", "8"]):
+        r = CliRunner().invoke(cli.cli, args + extra)
+        assert r.exit_code == 0, r.output
+    assert [(s.steps, s.guidance, s.shift) for s in seen] == [(4, 3.0, 2.0), (4, 1.5, 2.0), (8, 3.0, 2.0)]
+    assert "(4 Euler steps, guidance 3)" in CliRunner().invoke(cli.cli, args).output
