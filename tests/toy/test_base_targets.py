@@ -35,8 +35,8 @@ def test_score_samples_with_the_presets_sampler_unless_told(monkeypatch):
 
     from click.testing import CliRunner
 
-    import pipeline.cli as cli
-    import pipeline.eval.fixed_noise as fixed_noise
+    from pipeline import cli
+    from pipeline.eval import fixed_noise
 
     real = cli._experiment
 
