@@ -47,7 +47,8 @@ start() {
   fi
   munge -n | unmunge >/dev/null
 
-  # slurm.conf: one node on loopback, its hardware line from slurmd -C
+  # slurm.conf: one node on loopback, its hardware line from slurmd -C. No accounting, so a finished job is
+  # known (to scontrol, gdro status) only for MinJobAge: an hour, longer than any test run.
   if [ -e "$CONF" ] && ! grep -qF "$MARK" "$CONF"; then
     echo "slurm: $CONF exists and was not written by this script; not touching it (set SLURM_CONF elsewhere)" >&2
     exit 1
@@ -74,7 +75,7 @@ DefMemPerCPU=512
 SchedulerType=sched/backfill
 SchedulerParameters=batch_sched_delay=0
 ReturnToService=2
-MinJobAge=600
+MinJobAge=3600
 KillWait=10
 MailProg=/bin/true
 StateSaveLocation=$BASE/state

@@ -50,14 +50,20 @@ def job_fields(job: str) -> list[dict]:
     return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in r.stdout.splitlines() if "JobId=" in line]
 
 
-def wait_jobs(ids, timeout: float, poll: float = 1.0) -> None:
-    """Until none of the jobs (array tasks included) is pending, running or being requeued."""
+def wait_jobs(ids, timeout: float, poll: float = 1.0) -> dict[str, list[dict]]:
+    """Until none of the jobs (array tasks included) is pending, running or being requeued. Returns the last
+    fields seen of every job (of each task of an array, in task order): a finished job leaves slurmctld's memory
+    after MinJobAge, and without accounting nothing else remembers it, so the states are kept as they are seen."""
     end = time.time() + timeout
     active = {"PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "REQUEUED", "RESIZING", "SUSPENDED",
               "REQUEUE_HOLD", "REQUEUE_FED"}
+    seen: dict[str, dict[str, dict]] = {j: {} for j in ids}
     while time.time() < end:
-        if not any(f.get("JobState") in active for j in ids for f in job_fields(j)):
-            return
+        for j in ids:
+            for f in job_fields(j):
+                seen[j][f["JobId"]] = f
+        if not any(f.get("JobState") in active for j in ids for f in seen[j].values()):
+            return {j: sorted(seen[j].values(), key=lambda f: int(f.get("ArrayTaskId") or 0)) for j in ids}
         time.sleep(poll)
     subprocess.run(["scancel", *ids], check=False, capture_output=True)
     raise AssertionError(f"jobs {ids} still active after {timeout} s (cancelled): "

@@ -93,14 +93,14 @@ def chain(slurm, tmp_path_factory):
     t0 = time.time()
     jobs = submit(root, "all", cfg)
     assert [j["stage"] for j in jobs] == ["rollouts", "assemble", "train", "eval"]
-    wait_jobs([j["job_id"] for j in jobs], MAX_WAIT)
+    states = wait_jobs([j["job_id"] for j in jobs], MAX_WAIT)
     print(f"\nslurm chain: rollouts x3 -> assemble -> train (2 ranks, {STEPS} steps) -> eval in {time.time() - t0:.0f} s")
-    return {"root": root, "cfg": cfg, "jobs": {j["stage"]: j for j in jobs}}
+    return {"root": root, "cfg": cfg, "jobs": {j["stage"]: j for j in jobs}, "states": states}
 
 
 def test_every_job_of_the_chain_completed(chain):
     for stage, job in chain["jobs"].items():
-        states = [f["JobState"] for f in job_fields(job["job_id"])]
+        states = [f["JobState"] for f in chain["states"][job["job_id"]]]
         expected = 3 if stage == "rollouts" else 1
         assert states == ["COMPLETED"] * expected, f"{stage} job {job['job_id']}: {states}\n{log_of(job)[-3000:]}"
 
@@ -162,8 +162,7 @@ def test_training_preempted_mid_run_resumes_from_its_checkpoint(chain):
     job = submit(root, "train", cfg)[-1]
     at = wait_for_step(run, 3, job["job_id"])
     subprocess.run(["scancel", "--signal=USR2", job["job_id"]], check=True)  # what --signal=USR2@lead sends
-    wait_jobs([job["job_id"]], MAX_WAIT)
-    fields = job_fields(job["job_id"])[0]
+    fields = wait_jobs([job["job_id"]], MAX_WAIT)[job["job_id"]][0]
     log = log_of(job)
     assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", log[-3000:]
     saved = int(log.split("train: preemption signal: checkpointed at step ")[1].split(";")[0])
@@ -189,8 +188,7 @@ def test_rollouts_task_preempted_resumes_at_shard_granularity(chain):
     while not list((ds / "shards").glob("0*.stats.json")) and time.time() < end:
         time.sleep(0.1)
     subprocess.run(["scancel", "--batch", "--signal=USR2", f"{job['job_id']}_0"], check=True)
-    wait_jobs([job["job_id"]], MAX_WAIT)
-    fields = job_fields(job["job_id"])[0]
+    fields = wait_jobs([job["job_id"]], MAX_WAIT)[job["job_id"]][0]
     log = log_of(job)
     assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", log[-3000:]
     assert "USR2" in log and "restart 1" in log
