@@ -402,28 +402,41 @@ def toy_ceiling(preset, files, overrides, out, lr, seed, t_draws):
     click.echo(f"wrote {run(cfg, out=Path(out), lr=lr, seed=seed, t_draws=t_draws)}")
 
 
+def toy_sampler_options(f):
+    """--steps / --guidance of the toy commands that sample; unset, the toy preset's (see _toy_sampler)."""
+    f = click.option("--guidance", type=float, default=None,
+                     help="Classifier-free guidance [default: the toy preset's sampler.guidance].")(f)
+    return click.option("--steps", type=int, default=None,
+                        help="Euler steps [default: the toy preset's sampler.steps].")(f)
+
+
+def _toy_sampler(steps: int | None, guidance: float | None):
+    """The toy preset's sampler (that of rollouts and `gdro eval`: scheduler, steps, shift, guidance), with
+    --steps / --guidance replacing their fields where given."""
+    preset = _experiment("toy", (), (), show=False).sampler
+    return dataclasses.replace(preset, steps=preset.steps if steps is None else steps,
+                               guidance=preset.guidance if guidance is None else guidance)
+
+
 @toy.command("samples")
 @click.option("--model", default="models/toy-base", show_default=True, type=click.Path())
 @click.option("--out", default="docs/toy_base_samples.png", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--prompts", default="prompts/toy_test.jsonl", show_default=True, type=click.Path())
 @click.option("--per-kind", default=4, show_default=True, help="Prompts shown per kind.")
 @click.option("--seeds", default=4, show_default=True, help="Images per prompt.")
-@click.option("--steps", default=16, show_default=True, help="Euler steps.")
-@click.option("--guidance", default=1.0, show_default=True)
+@toy_sampler_options
 def toy_samples(model, out, prompts, per_kind, seeds, steps, guidance):
     """Draw a labelled sample grid of a toy model on test prompts, with the verifier's verdicts."""
     from .toy.grid import sample_grid
 
-    path = sample_grid(model, Path(out), prompts, per_kind=per_kind, seeds=seeds, steps=steps, guidance=guidance)
+    path = sample_grid(model, Path(out), prompts, _toy_sampler(steps, guidance), per_kind=per_kind, seeds=seeds)
     click.echo(f"wrote {path}")
 
 
 @toy.command("score")
 @click.option("--model", default="models/toy-base", show_default=True, type=click.Path())
 @click.option("--prompts", default="prompts/toy_test.jsonl", show_default=True, type=click.Path())
-@click.option("--steps", type=int, default=None, help="Euler steps [default: the toy preset's sampler.steps].")
-@click.option("--guidance", type=float, default=None,
-              help="Classifier-free guidance [default: the toy preset's sampler.guidance].")
+@toy_sampler_options
 @click.option("--limit", default=0, help="Only the first N prompt lines (0 = all).")
 @click.option("--seed", default=777, show_default=True, help="Noise seeds (777 = gdro eval's eval.base_seed).")
 def toy_score(model, prompts, steps, guidance, limit, seed):
@@ -435,9 +448,7 @@ def toy_score(model, prompts, steps, guidance, limit, seed):
     from .prompt_files import load_prompts
     from .toy.scoring import base_target_checks, score_images, true_render_scores
 
-    preset = _experiment("toy", (), (), show=False).sampler  # the sampler of rollouts and `gdro eval`
-    sampler = dataclasses.replace(preset, steps=preset.steps if steps is None else steps,
-                                  guidance=preset.guidance if guidance is None else guidance)
+    sampler = _toy_sampler(steps, guidance)
     metas = load_prompts(prompts)
     metas = metas[:limit] if limit else metas
     kinds = [m["tag"] for m in metas]

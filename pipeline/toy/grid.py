@@ -44,13 +44,12 @@ def draw_grid(images: np.ndarray, metas: list[dict], path: Path, title: str) -> 
     return path
 
 
-def sample_grid(model: str, path: Path, prompts: str, *, per_kind: int = 4, seeds: int = 4, steps: int = 16,
-                guidance: float = 1.0) -> Path:
+def sample_grid(model: str, path: Path, prompts: str, sampler, *, per_kind: int = 4, seeds: int = 4) -> Path:
     from schemas.seeds import member_seed, noise_for
 
     from ..backends.toy import ToyBackend
     from ..prompt_files import load_prompts
-    from ..sampling import SamplerConfig, sample
+    from ..sampling import sample
 
     backend = ToyBackend.from_pretrained(model)
     metas = pick_prompts(load_prompts(prompts), per_kind)
@@ -58,8 +57,8 @@ def sample_grid(model: str, path: Path, prompts: str, *, per_kind: int = 4, seed
                          for i in range(len(metas)) for s in range(seeds)])
     cond = backend.encode_prompts([m["prompt"] for m in metas]).repeat_interleave(seeds)
     null = backend.encode_prompts([""])
-    lat = sample(backend, noise, cond, SamplerConfig(steps=steps, guidance=guidance), null_cond=null)
+    lat = sample(backend, noise, cond, sampler, null_cond=null)
     images = backend.decode(lat).reshape(len(metas), seeds, *backend.latent_shape[1:], 3)
-    title = (f"{model}: {steps} Euler steps, guidance {guidance}\n"
+    title = (f"{model}: {sampler.steps} Euler steps, guidance {sampler.guidance}\n"
              f"green frame = strict pass (GenEval rules), number = partial credit")
     return draw_grid(images, metas, path, title)
