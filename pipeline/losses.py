@@ -130,6 +130,8 @@ def nft(rho: torch.Tensor, adv: torch.Tensor, signal: torch.Tensor, rewards: tor
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {"dgpo": dgpo, "gdro-ce": gdro_ce, "gdro-pl": gdro_pl,
                                                   "dpo": dpo, "raft": raft, "nft": nft}
 NEEDS_REFERENCE = {"dgpo", "gdro-ce", "gdro-pl", "dpo"}
+# losses that read only each group's best and worst member: the trainer computes errors for those two alone
+PAIRWISE = {"dpo", "raft"}
 NEEDS_VELOCITY = {"nft"}  # the old model's velocity on the same x_t: a live reference, never the error cache
 EVERY_GROUP = {"raft", "nft"}  # losses averaged over every group, not only those with reward spread
 
@@ -155,6 +157,12 @@ def group_loss(name: str, policy_err: torch.Tensor, ref_err: torch.Tensor | None
     loss = LOSSES[name](rho, adv, signal, rewards, tau=tau, policy_err=policy_err, neg_err=neg_err,
                         nft_beta=nft_beta, adv_clip=adv_clip)
     return LossOutput(loss=loss, rho=rho, advantages=adv, signal=signal)
+
+
+def pair_members(rewards: torch.Tensor) -> torch.Tensor:
+    """[N, 2] member indices (best, worst) per group, chosen exactly as `dpo` and `raft` choose them (first
+    argmax, first argmin): on these two columns those losses equal their value on the whole group."""
+    return torch.stack([rewards.argmax(1), rewards.argmin(1)], 1)
 
 
 def kl_penalty(v_policy: torch.Tensor, v_ref: torch.Tensor) -> torch.Tensor:

@@ -31,8 +31,10 @@ from pipeline.losses import (
     NEEDS_REFERENCE,
     NEEDS_VELOCITY,
     batch_std,
+    PAIRWISE,
     group_loss,
     kl_penalty,
+    pair_members,
     pairwise_accuracy,
 )
 from pipeline.preemption import Preemption, requeue_on_preemption
@@ -236,6 +238,21 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
             eps_g = eps.repeat_interleave(G, 0).to(device, dtype)  # one eps and one t per group
             t_g = tt.repeat_interleave(G, 0).to(device)
             cond = Conditioning(batch["prompt_embeds"], batch["pooled_embeds"]).repeat_interleave(G).to(device, dtype)
+            valid = batch["valid"].to(device)
+            all_rewards = batch["rewards"].to(device)
+            all_rewards = torch.where(valid.unsqueeze(1), all_rewards, torch.zeros_like(all_rewards))  # invalid: no spread
+            rewards, m = all_rewards, G
+            if ref_cached is not None:
+                ref_cached = ref_cached.to(device, torch.float32)
+            if t.loss in PAIRWISE and not t.kl_beta:
+                # dpo / raft read each group's best and worst member only: errors for those two, not all G (the same
+                # loss and gradient, G / 2 times fewer forward and backward passes)
+                pick = pair_members(all_rewards)
+                flat = (torch.arange(n, device=device).unsqueeze(1) * G + pick).flatten()
+                x0, eps_g, t_g, cond = x0[flat], eps_g[flat], t_g[flat], cond[flat]
+                rewards, m = torch.gather(all_rewards, 1, pick), 2
+                if ref_cached is not None:
+                    ref_cached = torch.gather(ref_cached, 1, pick)
             err, v = flow_errors(policy_v, x0, eps_g, t_g, cond, return_velocity=True)
             kl = torch.zeros((), device=device)
             if ref_mode in ("lora", "copy"):
@@ -243,21 +260,18 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
                     ref_err, v_ref = flow_errors(reference_v, x0, eps_g, t_g, cond, return_velocity=True)
                 if t.kl_beta:
                     kl = kl_penalty(v, v_ref)
-                ref_err = ref_err.view(n, G)
+                ref_err = ref_err.view(n, m)
             else:
-                ref_err = ref_cached.to(device, torch.float32) if ref_cached is not None else None
-            rewards = batch["rewards"].to(device)
-            valid = batch["valid"].to(device)
-            rewards = torch.where(valid.unsqueeze(1), rewards, torch.zeros_like(rewards))  # invalid: no spread, no signal
+                ref_err = ref_cached
             w = error_weight(tt, t.error_param).to(device).unsqueeze(1)  # the same factor for policy and reference
             # adv_scope=batch: the std over every image of the global batch, all ranks (as DGPO's and Flow-GRPO's code)
-            adv_std = batch_std(rewards.float(), _sum_over_ranks) if t.adv_scope == "batch" else None
+            adv_std = batch_std(all_rewards.float(), _sum_over_ranks) if t.adv_scope == "batch" else None
             if t.loss in NEEDS_VELOCITY:  # nft: its own (adaptive) weighting of the two branches' x0 errors
                 pos, neg = nft_branch_errors(v, v_ref, x0, eps_g, t_g, t.nft_beta)
                 out_ = group_loss(t.loss, pos.view(n, G), None, rewards.float(), beta=t.beta, adv_scope=t.adv_scope,
                                   adv_clip=t.adv_clip, neg_err=neg.view(n, G), nft_beta=t.nft_beta, adv_std=adv_std)
             else:
-                out_ = group_loss(t.loss, err.view(n, G) * w, ref_err * w if ref_err is not None else None,
+                out_ = group_loss(t.loss, err.view(n, m) * w, ref_err * w if ref_err is not None else None,
                                   rewards.float(), beta=t.beta, adv_scope=t.adv_scope, adv_clip=t.adv_clip, tau=t.tau,
                                   adv_std=adv_std)
             # The losses average over this rank's groups with signal, and DeepSpeed averages gradients over ranks: with
@@ -284,7 +298,7 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
                 "rho_mean": float(out_.rho.detach().mean()),
                 "abs_adv": float(out_.advantages[sig].abs().mean()) if sig.any() else 0.0,
                 "zero_spread": float((~sig & valid).float().mean()), "invalid_groups": int((~valid).sum()),
-                "reward_mean": float(rewards[valid].mean()) if valid.any() else float("nan"),
+                "reward_mean": float(all_rewards[valid].mean()) if valid.any() else float("nan"),
                 "grad_norm": float(engine.get_global_grad_norm() or 0.0), "lr": float(sched.get_last_lr()[0]),
                 "images_per_s": n * G * world / max(now - t_last, 1e-9), "t_mean": float(tt.mean()),
                 "step_s": now - t_last, "data_s": data_s,

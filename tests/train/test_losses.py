@@ -323,6 +323,29 @@ def test_raft_mean_of_best_members_error():
     assert out.loss.item() == pytest.approx((0.9 + 0.1 + 0.4) / 3, rel=1e-12)
 
 
+@pytest.mark.parametrize("name", sorted(L.PAIRWISE))
+def test_pairwise_losses_on_the_two_picked_members_equal_the_whole_group(name):
+    """The trainer computes errors for `pair_members` only when the loss is pairwise: on those two columns the
+    loss and its gradient must be the whole group's, ties (first max, first min) and zero-spread groups included."""
+    gen = torch.Generator().manual_seed(3)
+    rewards = torch.randint(0, 3, (64, 6), generator=gen).double()  # many ties and some zero-spread groups
+    rewards[0] = 1.0
+    policy = torch.rand(64, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    ref = torch.rand(64, 6, dtype=torch.float64, generator=gen)
+    full = L.group_loss(name, policy, ref, rewards, beta=3.0)
+    (g_full,) = torch.autograd.grad(full.loss, policy)
+    pick = L.pair_members(rewards)
+    assert [int(pick[0, 0]), int(pick[0, 1])] == [0, 0]  # a zero-spread group: first max, first min
+    sub = L.group_loss(name, torch.gather(policy, 1, pick), torch.gather(ref, 1, pick), torch.gather(rewards, 1, pick),
+                       beta=3.0)
+    (g_sub,) = torch.autograd.grad(sub.loss, policy)
+    assert sub.loss.item() == pytest.approx(full.loss.item(), rel=1e-12)
+    assert torch.allclose(g_sub, g_full, rtol=1e-12, atol=1e-15)
+    assert torch.equal(sub.signal, full.signal)
+    untouched = torch.ones_like(policy, dtype=torch.bool).scatter(1, pick, False)
+    assert float(g_full[untouched].abs().max()) == 0.0  # why the other members need no forward pass
+
+
 # ------------------------------------------------------------------------------------ averaging and signal
 @pytest.mark.parametrize("name", ["dgpo", "gdro-ce", "gdro-pl", "dpo"])
 def test_batch_without_signal_is_a_zero_loss_with_a_graph(name):
