@@ -2,10 +2,12 @@
 
 Fine-tunes the base with plain flow matching on *true renders* of the training prompts (the world's ground
 truth, which offline reward training never sees), for the compute of the default `gdro train`: train.steps
-optimiser steps of train.groups_per_step x rollouts.group_size images each, EMA as train.ema_decay. The gain
-of this model over the base on the held-out prompts (`gdro eval --set eval.checkpoint=<out>/export`) is the
-most that better data for those prompts could give in that budget; reward-trained runs are reported as a
-share of it. setup -> train (fresh scenes every step) -> <out>/export (a model folder) + <out>/ceiling.json.
+optimiser steps of train.groups_per_step x rollouts.group_size images each (the images `gdro train` reads; a
+pairwise loss passes only 2 of each group's G through the model, so for it the ceiling is the more generous
+yardstick), EMA as train.ema_decay. The gain of this model over the base on the held-out prompts (`gdro eval
+--set eval.checkpoint=<out>/export`) is the most that better data for those prompts could give in that budget;
+reward-trained runs are reported as a share of it. setup -> train (fresh scenes every step) -> <out>/export
+(a model folder) + <out>/ceiling.json.
 """
 from __future__ import annotations
 
