@@ -277,7 +277,7 @@ class EvalConfig:
     # <train.out>/best; <train.out>/export when there is none) | export (<train.out>/export only)
     out: str = ""  # report folder; "" = <train.out>/eval
     batch_size: int = 100  # images per sampling batch
-    target: str = "strict"  # the target score: strict | partial | quality (the toy verifier's) | a reward named in
+    target: str = "strict"  # the target score: strict | partial | quality | no_extra (the toy verifier's) | a reward named in
     # eval.rewards (the only choice for sd3/flux, which have no verifier)
     out_of_domain: list[str] = field(default_factory=lambda: ["quality"])  # scores training never optimised
     rewards: list[str] = field(default_factory=list)  # registered rewards scored on every image (by name), each
@@ -296,11 +296,11 @@ class EvalConfig:
         _positive(f"{key}batch_size", self.batch_size)
         if self.num_prompts < 0:
             raise GdroError(f"{key}num_prompts must be >= 0")
-        names = ("strict", "partial", "quality", *self.rewards)
+        names = ("strict", "partial", "quality", "no_extra", *self.rewards)
         for name, what in ((self.target, "target"), *((o, "out_of_domain") for o in self.out_of_domain)):
             if name not in names:
-                raise GdroError(f"{key}{what}: {name!r} is not scored; use strict, partial, quality or a reward "
-                                f"listed in {key}rewards")
+                raise GdroError(f"{key}{what}: {name!r} is not scored; use strict, partial, quality, no_extra or a "
+                                f"reward listed in {key}rewards")
         if not self.out_of_domain or self.target in self.out_of_domain:
             raise GdroError(f"{key}out_of_domain must name at least one score other than the target "
                             f"{self.target!r}")

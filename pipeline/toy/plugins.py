@@ -9,10 +9,10 @@ from ..rewards import register_reward
 
 class ToyVerifier:
     """The toy verifier as a `pipeline.eval.fixed_noise.Verifier`: GenEval's strict verdict, partial credit and the
-    out-of-domain quality of every image, besides the registered rewards; grid cells framed by the strict
+    out-of-domain quality and no-extra-object share of every image, besides the registered rewards; grid cells framed by the strict
     verdict; the console's win rate on partial credit (graded, so fewer ties than strict's 0/1)."""
 
-    metrics = ("strict", "partial", "quality")
+    metrics = ("strict", "partial", "quality", "no_extra")
     win_metric = "partial"
     win_label = "partial-credit"
     frame_legend = "green frame = strict pass; "
@@ -37,6 +37,24 @@ def toy_geneval():
         verdicts = [verify(img, meta)[0] for img, meta in zip(images, metadata)]
         return (np.array([v.partial for v in verdicts]),
                 {"strict": np.array([float(v.strict) for v in verdicts])})
+
+    return fn
+
+
+@register_reward("toy_exact", version="1", per_image=True)
+def toy_exact():
+    """`toy_geneval`'s partial credit, halved when the image holds any object beyond those the prompt names
+    (`verifier.extra_objects`): GenEval's rules with the loophole closed that a reward run otherwise finds (draw
+    more, and one of them will be right). A training reward; `no_extra` stops being out of domain for a run
+    trained on it."""
+    from .verifier import extra_objects, verify
+
+    def fn(images, prompts, metadata):
+        out = []
+        for img, meta in zip(images, metadata):
+            verdict, parsed = verify(img, meta)
+            out.append(verdict.partial * (0.5 if extra_objects(parsed.detections, meta) else 1.0))
+        return np.array(out), {}
 
     return fn
 

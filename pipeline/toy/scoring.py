@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from .verifier import verify
+from .verifier import extra_objects, verify
 
 
 def score_images(images: np.ndarray, metas: list[dict]) -> dict[str, np.ndarray]:
-    """images uint8 [N, H, W, 3] -> arrays of strict (0/1), partial and quality, one value per image."""
-    strict, partial, quality = [], [], []
+    """images uint8 [N, H, W, 3] -> arrays of strict (0/1), partial, quality and no_extra (1: no object beyond
+    those the prompt names, `verifier.extra_objects`), one value per image."""
+    strict, partial, quality, no_extra = [], [], [], []
     for img, meta in zip(images, metas):
         verdict, parse = verify(img, meta)
         strict.append(float(verdict.strict))
         partial.append(verdict.partial)
         quality.append(parse.quality)
-    return {"strict": np.array(strict), "partial": np.array(partial), "quality": np.array(quality)}
+        no_extra.append(float(extra_objects(parse.detections, meta) == 0))
+    return {"strict": np.array(strict), "partial": np.array(partial), "quality": np.array(quality),
+            "no_extra": np.array(no_extra)}
 
 
 def true_render_scores(metas: list[dict], seed: int = 0) -> dict[str, np.ndarray]:

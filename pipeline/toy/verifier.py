@@ -177,6 +177,14 @@ def judge(dets: list[Detection], meta: dict, relation=None) -> Verdict:
     return Verdict(strict=not failures, partial=float(np.mean(scores)), failures=failures)
 
 
+def extra_objects(dets: list[Detection], meta: dict) -> int:
+    """Objects beyond those the prompt names (every detection, blobs included, against the sum of the included
+    counts). GenEval's rules ignore them: "a circle" drawn as two circles passes, and each extra object is one
+    more chance at a colour or a relation, so a reward built on those rules can be gamed by drawing more. Out of
+    domain: no reward reads it, `gdro eval` reports the share of images without any (`no_extra`)."""
+    return max(0, len(dets) - sum(int(req["count"]) for req in meta["include"]))
+
+
 def verify(img: np.ndarray, meta: dict) -> tuple[Verdict, Parse]:
     p = parse(img)
     return judge(p.detections, meta), p

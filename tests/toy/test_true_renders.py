@@ -54,13 +54,14 @@ def test_true_renders_of_all_prompts_pass(seed):
 
 
 def test_score_images_on_true_renders():
-    """`score_images` returns one strict/partial/quality value per image; true renders get 1/1/high."""
+    """`score_images` returns one strict/partial/quality/no_extra value per image; true renders get 1/1/high/1."""
     metas = all_prompts()[::23]
     images = np.stack([render(sample_scene(m, np.random.default_rng(i))) for i, m in enumerate(metas)])
     scores = score_images(images, metas)
-    assert set(scores) == {"strict", "partial", "quality"}
+    assert set(scores) == {"strict", "partial", "quality", "no_extra"}
     assert all(v.shape == (len(metas),) for v in scores.values())
     assert (scores["strict"] == 1.0).all() and (scores["partial"] == 1.0).all() and (scores["quality"] > 0.75).all()
+    assert (scores["no_extra"] == 1.0).all()  # a true render draws what the prompt names and nothing else
 
 
 def test_kind_table_overall_is_mean_over_kinds_present():

@@ -11,7 +11,7 @@ import pytest
 from scipy import ndimage
 
 from pipeline.toy.prompts import all_prompts
-from pipeline.toy.verifier import MIN_AREA, parse, verify
+from pipeline.toy.verifier import MIN_AREA, extra_objects, parse, verify
 from pipeline.toy.world import PALETTE, SIZE, Obj, render, shape_mask
 
 _BY_TEXT = {p["prompt"]: p for p in all_prompts()}
@@ -302,3 +302,43 @@ def test_merged_squares_are_not_a_circle():
     objs = [Obj("square", "red", 10, 16, 5.5), Obj("square", "red", 19, 16, 5.5)]
     verdict, _ = verify(render(objs), meta("a photo of a circle"))
     assert verdict.strict is False
+
+
+# --------------------------------------------------------------------------------------- extra objects
+@pytest.mark.parametrize("objs, text, strict, extra", [
+    ([Obj("circle", "red", *GRID[0], 4.5)], "a photo of a circle", True, 0),
+    # GenEval's rules pass a second circle, and a third object of any kind: both are extras
+    ([Obj("circle", "red", *GRID[0], 4.5), Obj("circle", "blue", *GRID[8], 4.5)], "a photo of a circle", True, 1),
+    ([Obj("square", "red", *GRID[0], 4.5), Obj("triangle", "green", *GRID[4], 4.5),
+      Obj("circle", "blue", *GRID[8], 4.5)], "a photo of a square and a triangle", True, 1),
+    # a missing object is no extra (it is a strict failure)
+    ([Obj("square", "red", *GRID[0], 4.5)], "a photo of a square and a triangle", False, 0),
+    # two circles asked, three drawn: one extra, and a failure too (counting is exact)
+    ([Obj("circle", "red", *GRID[i], 4.5) for i in (0, 4, 8)], "a photo of two circles", False, 1),
+])
+def test_extra_objects_beyond_the_named_ones(objs, text, strict, extra):
+    """Hand-counted: detections minus the sum of the prompt's included counts, never below 0; GenEval's strict
+    verdict ignores them (what `no_extra` reports beside it)."""
+    verdict, parsed = verify(render(objs), meta(text))
+    assert verdict.strict is strict
+    assert extra_objects(parsed.detections, meta(text)) == extra
+
+
+def test_toy_exact_reward_halves_partial_credit_when_an_object_is_extra():
+    """`toy_exact` = `toy_geneval`'s partial credit, halved with any extra object: a second circle for "a circle"
+    keeps GenEval's 1.0 and scores 0.5; a missing triangle (partial 0.5, no extra) keeps 0.5; an extra circle
+    beside that lone square gives 0.25."""
+    from pipeline.rewards import make_reward
+
+    scenes = [([Obj("circle", "red", *GRID[0], 4.5)], "a photo of a circle"),
+              ([Obj("circle", "red", *GRID[0], 4.5), Obj("circle", "blue", *GRID[8], 4.5)], "a photo of a circle"),
+              ([Obj("square", "red", *GRID[0], 4.5)], "a photo of a square and a triangle"),
+              ([Obj("square", "red", *GRID[0], 4.5), Obj("circle", "blue", *GRID[4], 4.5),
+                Obj("circle", "green", *GRID[8], 4.5)], "a photo of a square and a triangle")]
+    images = np.stack([render(objs) for objs, _ in scenes])
+    metas = [meta(text) for _, text in scenes]
+    prompts = [m["prompt"] for m in metas]
+    geneval, _ = make_reward("toy_geneval").fn(images, prompts, metas)
+    exact, _ = make_reward("toy_exact").fn(images, prompts, metas)
+    assert geneval.tolist() == [1.0, 1.0, 0.5, 0.5]
+    assert exact.tolist() == [1.0, 0.5, 0.5, 0.25]
