@@ -17,7 +17,7 @@ def test_toy_preset_resolves_with_typed_sections():
     cfg = resolve(ExperimentConfig, preset="toy")
     assert "toy" in preset_names()
     assert cfg.model.backend == "toy" and isinstance(cfg.rollouts.group_size, int)
-    assert cfg.rollouts.rewards == {"toy_geneval": {}, "toy_strict": {}, "toy_quality": {}}
+    assert cfg.rollouts.rewards == {"toy_geneval": {}, "toy_exact": {}, "toy_strict": {}, "toy_quality": {}}
     assert cfg.train.error_param == "x0" and set(cfg.train.reward_weights) <= set(cfg.rollouts.rewards)
 
 
@@ -33,7 +33,6 @@ def test_toy_preset_resolves_with_typed_sections():
     ("rollouts.t_min=1.0", "rollouts.t_min/t_max"),
     ("train.loss=ppo", "train.loss must be one of"),
     ("train.reward_weights=3", "train.reward_weights must be a mapping"),
-    ("train.reference=lora", "train.reference=lora needs train.lora_rank > 0"),
     ("model.dtype=float8", "model.dtype must be one of"),
     ("train.zero_stage=1", "train.zero_stage must be one of 2, 3; got 1"),
     ("train.zero_stage=2.0", "train.zero_stage must be one of 2, 3; got 2.0"),
@@ -44,6 +43,11 @@ def test_bad_values_name_the_key(override, fragment):
     with pytest.raises(GdroError) as e:
         resolve(ExperimentConfig, preset="toy", overrides=[override])
     assert fragment in str(e.value)
+
+
+def test_a_lora_reference_needs_lora():
+    with pytest.raises(GdroError, match=r"train.reference=lora needs train.lora_rank > 0"):
+        resolve(ExperimentConfig, preset="toy", overrides=["train.lora_rank=0", "train.reference=lora"])
 
 
 def test_fixed_choices_are_checked_on_configs_built_in_code_too():

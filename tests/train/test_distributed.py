@@ -54,7 +54,8 @@ def dataset(tiny_toy_model, tmp_path_factory):
 def overrides(model, dataset, out, *extra) -> list[str]:
     return [f"model.path={model}", f"train.dataset={dataset}", f"train.out={out}",
             f'train.reward_weights={{"{REWARD}": 1.0}}', "train.data_order=sequential", "train.lr=1e-3",
-            "train.warmup_steps=1", "train.beta=20", "train.error_param=v", f"train.steps={STEPS}", "train.save_every=100", *extra]
+            "train.warmup_steps=1", "train.beta=20", "train.error_param=v", f"train.steps={STEPS}", "train.save_every=100",
+            "train.lora_rank=0", *extra]  # full fine-tuning (the toy preset's is LoRA)
 
 
 def run(args: list[str], log: Path) -> None:

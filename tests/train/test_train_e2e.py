@@ -51,7 +51,8 @@ def make_cfg(model, dataset, out=None, *overrides):
         "rollouts.ref_cache_k=2", f'rollouts.rewards={{"{REWARD}": {{}}}}',
         f"train.dataset={dataset}", f"train.out={out or dataset.parent / 'unused_run'}",
         f'train.reward_weights={{"{REWARD}": 1.0}}', "train.groups_per_step=4", "train.lr=1e-3",
-        "train.warmup_steps=1", "train.beta=500", "train.keep_checkpoints=2", "train.loss=dgpo", *overrides])
+        "train.warmup_steps=1", "train.beta=500", "train.keep_checkpoints=2", "train.loss=dgpo",
+        "train.lora_rank=0", *overrides])  # full fine-tuning unless a test asks for LoRA (the toy preset's is LoRA)
 
 
 def metrics(run: Path) -> list[dict]:
