@@ -329,8 +329,8 @@ def eval_(preset, files, overrides):
               help="With --full-size: where its temporary model (5 GB), dataset and runs go (default: $TMPDIR).")
 def bench(preset, files, overrides, out, repeats, full_size, reduced, peak_tflops, work):
     """Benchmarks, ours vs. the plain alternative in one run: rollouts, their overlap with rewards, training step
-    vs. bare PyTorch, data share, cached vs. live reference, shard reading (writes its own small dataset).
-    Writes OUT/results.md. --full-size: SD3.5-Medium on one GPU (stages/bench_full.py)."""
+    vs. bare PyTorch, data share, cached vs. live reference, a pairwise loss on 2 vs. G members, shard reading
+    (writes its own small dataset). Writes OUT/results.md. --full-size: SD3.5-Medium on one GPU (stages/bench_full.py)."""
     if reduced and not full_size:
         raise GdroError("--reduced goes with --full-size (gdro bench --full-size --reduced)")
     if full_size:

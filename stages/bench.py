@@ -11,6 +11,8 @@ goal (the stage-two performance goals) says PASS or MISS beside its figure.
   (goal <= 5 %), and its median step time vs. a bare PyTorch forward + backward + AdamW step of the same model
   on the same batch (goal: overhead <= 10 %), with DeepSpeed's part of that overhead on its own;
 - training step: reference errors from the stage-one cache vs. a live frozen copy of the model (goal <= 0.8x);
+- training step of a pairwise loss (`dpo`, `raft`): errors of each group's best and worst member only vs. every
+  member;
 - shard reading: gdro's group pipeline (no image decoding) vs. decoding every member with webdataset.
 
 Timed steps alternate between the variants compared (per step, or in blocks before and after the trainer run),
@@ -232,8 +234,13 @@ def _bench_train_cfg(cfg: ExperimentConfig, dataset: Path, out: Path, steps: int
     timed step."""
     import dataclasses
 
+    from pipeline.losses import PAIRWISE
+
+    # a pairwise loss trains on 2 of G members (bench_pairwise); the overhead row needs a loss reading all G, as
+    # the bare step does
+    loss = "dgpo" if cfg.train.loss in PAIRWISE else cfg.train.loss
     t = dataclasses.replace(cfg.train, dataset=str(dataset), out=str(out), steps=steps, save_every=steps,
-                            reference="cache", lora_rank=0, kl_beta=0.0, eval_every=0)
+                            reference="cache", lora_rank=0, kl_beta=0.0, eval_every=0, loss=loss)
     return dataclasses.replace(cfg, train=t)
 
 
@@ -302,6 +309,26 @@ def bench_reference(cfg: ExperimentConfig, batch, velocity, steps: int) -> dict:
     return {"name": "training step time, s: cached vs. live reference", "ours": cw, "plain": lw, "cpu_ours": cc,
             "cpu_plain": lc, "goal": REFERENCE_GOAL, "ours_label": "reference errors from the stage-one cache",
             "plain_label": "live frozen reference copy"}
+
+
+def bench_pairwise(cfg: ExperimentConfig, batch, velocity, dtype, steps: int) -> dict:
+    """A pairwise loss's step (`dpo`, `raft`: the trainer computes errors for each group's best and worst member
+    only, `losses.pair_members`) vs. the same step over every member of the group, alternating on one batch."""
+    from pipeline.losses import pair_members
+
+    x0, eps, tt, cond = batch
+    g = cfg.rollouts.group_size
+    n = x0.shape[0] // g
+    rewards = torch.rand(n, g, generator=torch.Generator().manual_seed(0))
+    flat = (torch.arange(n).unsqueeze(1) * g + pair_members(rewards)).flatten()
+    picked = (x0[flat], eps[flat], tt[flat], cond[flat])
+    fns = {"pair": _bare_step(cfg, picked, velocity, dtype), "all": _bare_step(cfg, batch, velocity, dtype)}
+    times = _alternating(fns, steps)
+    (pw, pc), (aw, ac) = _medians(times["pair"]), _medians(times["all"])
+    return {"name": f"training step time, s: a pairwise loss (dpo, raft), {n} groups of G = {g}", "ours": pw,
+            "plain": aw, "cpu_ours": pc, "cpu_plain": ac,
+            "ours_label": "errors of each group's best and worst member (2 images a group)",
+            "plain_label": f"errors of every member ({g} images a group)"}
 
 
 def bench_reading(dataset: Path, repeats: int) -> dict:
@@ -389,6 +416,7 @@ def main(cfg: ExperimentConfig, *, out: Path = Path("bench/out"), repeats: int =
         batch, velocity, dtype = _training_batch(train_cfg)
         rows += bench_training(train_cfg, batch, velocity, dtype, warmup=warmup_steps, bare_steps=bare_steps)
         rows.append(bench_reference(train_cfg, batch, velocity, steps=bare_steps // 2))
+        rows.append(bench_pairwise(train_cfg, batch, velocity, dtype, steps=bare_steps // 2))
         rows.append(bench_reading(dataset, repeats))
     rows += bench_sd3_rollouts()  # stages/bench_real.py: tiny SD3, `gdro rollouts` vs. diffusers' own pipeline
     load1 = os.getloadavg()
