@@ -387,19 +387,22 @@ def toy_pretrain(files, overrides):
 @toy.command("ceiling")
 @config_options
 @click.option("--out", default="runs/toy-ceiling", show_default=True, type=click.Path(file_okay=False))
-@click.option("--lr", default=1e-4, show_default=True, help="AdamW learning rate of the flow-matching fit.")
+@click.option("--lr", type=float, default=None,
+              help="AdamW learning rate of the flow-matching fit [default: train.lr with LoRA, 1e-4 with --full].")
+@click.option("--full", is_flag=True, help="Fit every weight, even when the run trains a LoRA adapter "
+                                           "(train.lora_rank > 0; by default the ceiling trains the same one).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--t-draws", type=click.Choice(["pretrain", "training"]), default="pretrain", show_default=True,
               help="Timesteps fitted: the pre-training law (logit-normal on [0, 1]) or those of the dataset's "
                    "cached draws (rollouts.t_law on [rollouts.t_min, rollouts.t_max]), as `gdro train` sees.")
-def toy_ceiling(preset, files, overrides, out, lr, seed, t_draws):
+def toy_ceiling(preset, files, overrides, out, lr, full, seed, t_draws):
     """The ground-truth ceiling (outside the paradigm): fit the base to true renders of the training prompts
     for the compute of `gdro train`, then write <out>/export. Evaluate it with
     `gdro eval --set eval.checkpoint=<out>/export --set eval.out=<out>/eval` (or `make ceiling`)."""
     cfg = _experiment(preset, files, overrides)
     from stages.toy_ceiling import main as run
 
-    click.echo(f"wrote {run(cfg, out=Path(out), lr=lr, seed=seed, t_draws=t_draws)}")
+    click.echo(f"wrote {run(cfg, out=Path(out), lr=lr, seed=seed, t_draws=t_draws, lora=False if full else None)}")
 
 
 def toy_sampler_options(f):

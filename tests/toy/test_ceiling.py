@@ -17,10 +17,10 @@ from pipeline.toy.prompts import sample_scene
 from pipeline.toy.world import render, to_unit
 
 
-def _cfg(model, steps=40) -> ExperimentConfig:
+def _cfg(model, steps=40, extra=()) -> ExperimentConfig:
     return resolve(ExperimentConfig, preset="toy", overrides=(
         f"model.path={model}", "rollouts.num_prompts=12", "rollouts.group_size=4", f"train.steps={steps}",
-        "train.groups_per_step=4", "train.warmup_steps=1", "train.ema_decay=0.0"))
+        "train.groups_per_step=4", "train.warmup_steps=1", "train.ema_decay=0.0", *extra))
 
 
 def _true_render_loss(model_dir, metas, seed=123) -> float:
@@ -36,13 +36,41 @@ def _true_render_loss(model_dir, metas, seed=123) -> float:
                                  x0, eps, t, cond).mean())
 
 
-def test_the_ceiling_fits_true_renders_and_writes_a_model(tmp_path, tiny_toy_unet):
-    cfg = _cfg(tiny_toy_unet)
-    export = ceiling.main(cfg, out=tmp_path / "c", lr=3e-3)
+@pytest.mark.parametrize("lora_rank", [0, 16])
+def test_the_ceiling_fits_true_renders_and_writes_a_model(tmp_path, tiny_toy_unet, lora_rank):
+    """With train.lora_rank > 0 it trains the run's adapter and exports it merged: a plain model folder in
+    which only the adapted projections differ from the base."""
+    cfg = _cfg(tiny_toy_unet, extra=(f"train.lora_rank={lora_rank}",))
+    # the tiny UNet's attention is a small share of it: its adapter fits more slowly than every weight
+    export = ceiling.main(cfg, out=tmp_path / "c", lr=3e-2 if lora_rank else 3e-3)
     metas = load_prompts(cfg.rollouts.prompts)[:12]
-    assert _true_render_loss(export, metas) < 0.8 * _true_render_loss(tiny_toy_unet, metas)
+    fitted, base = _true_render_loss(export, metas), _true_render_loss(tiny_toy_unet, metas)
+    assert fitted < (0.95 if lora_rank else 0.8) * base
     info = json.loads((tmp_path / "c" / "ceiling.json").read_text())
     assert info["steps"] == 40 and info["images_per_step"] == 16 and info["t_draws"] == "pretrain"
+    assert info["params"] == ("lora" if lora_rank else "full")
+    before = ToyBackend.from_pretrained(tiny_toy_unet).transformer.state_dict()
+    after = ToyBackend.from_pretrained(export).transformer.state_dict()
+    assert after.keys() == before.keys()  # no lora_A/lora_B left: the adapter is merged
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    adapted = {k for k in before if k.endswith(".weight") and k.rsplit(".", 1)[0].endswith(
+        tuple(cfg.train.lora_targets))}
+    if lora_rank:
+        assert moved and moved <= adapted
+    else:
+        assert moved - adapted  # full fine-tuning moves the convolutions too
+
+
+def test_the_ceiling_lr_follows_the_parameters(tmp_path, tiny_toy_unet):
+    """LoRA fits at train.lr (the run's), full fine-tuning at 1e-4; a LoRA ceiling needs an adapter."""
+    cfg = _cfg(tiny_toy_unet, steps=1, extra=("train.lora_rank=4", "train.lr=2e-3"))
+    ceiling.main(cfg, out=tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "ceiling.json").read_text())["lr"] == 2e-3
+    ceiling.main(cfg, out=tmp_path / "b", lora=False)
+    info = json.loads((tmp_path / "b" / "ceiling.json").read_text())
+    assert (info["lr"], info["params"]) == (ceiling.FULL_FT_LR, "full")
+    with pytest.raises(GdroError, match="lora_rank"):
+        ceiling.main(_cfg(tiny_toy_unet, steps=1, extra=("train.lora_rank=0",)), out=tmp_path / "c", lora=True)
 
 
 @pytest.mark.parametrize("t_draws", ["pretrain", "training"])
