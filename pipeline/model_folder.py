@@ -36,7 +36,10 @@ def merge_lora(state: dict[str, torch.Tensor], scale: float,
             prefix, adapter = m.groups()
             b = lora[f"{prefix}.lora_B.{adapter}.weight"]
             w = f"{prefix}.weight"
-            out[w] = (out[w].float() + scale * (b.float() @ a.float())).to(out[w].dtype)
+            # a Linear's A [r, in], B [out, r]; a Conv2d's A [r, in, kh, kw], B [out, r, 1, 1] (peft's layout):
+            # delta[o, i, ...] = sum_r B[o, r] A[r, i, ...] for both, in W's shape
+            delta = (b.float().flatten(1) @ a.float().flatten(1)).view(out[w].shape)
+            out[w] = (out[w].float() + scale * delta).to(out[w].dtype)
     return out
 
 
