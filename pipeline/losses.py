@@ -165,6 +165,12 @@ def pair_members(rewards: torch.Tensor) -> torch.Tensor:
     return torch.stack([rewards.argmax(1), rewards.argmin(1)], 1)
 
 
+def member_rows(pick: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N, m] member indices per group (e.g. `pair_members`) -> the [N * m] rows they are in a batch of N groups
+    flattened group by group ([N * group_size] rows), in the same order."""
+    return (torch.arange(pick.shape[0], device=pick.device).unsqueeze(1) * group_size + pick).flatten()
+
+
 def kl_penalty(v_policy: torch.Tensor, v_ref: torch.Tensor) -> torch.Tensor:
     """beta_kl's term: mean squared distance between the policy's and the reference's velocities."""
     return (v_policy.float() - v_ref.float()).pow(2).mean()

@@ -314,13 +314,13 @@ def bench_reference(cfg: ExperimentConfig, batch, velocity, steps: int) -> dict:
 def bench_pairwise(cfg: ExperimentConfig, batch, velocity, dtype, steps: int) -> dict:
     """A pairwise loss's step (`dpo`, `raft`: the trainer computes errors for each group's best and worst member
     only, `losses.pair_members`) vs. the same step over every member of the group, alternating on one batch."""
-    from pipeline.losses import pair_members
+    from pipeline.losses import member_rows, pair_members
 
     x0, eps, tt, cond = batch
     g = cfg.rollouts.group_size
     n = x0.shape[0] // g
     rewards = torch.rand(n, g, generator=torch.Generator().manual_seed(0))
-    flat = (torch.arange(n).unsqueeze(1) * g + pair_members(rewards)).flatten()
+    flat = member_rows(pair_members(rewards), g)
     picked = (x0[flat], eps[flat], tt[flat], cond[flat])
     fns = {"pair": _bare_step(cfg, picked, velocity, dtype), "all": _bare_step(cfg, batch, velocity, dtype)}
     times = _alternating(fns, steps)

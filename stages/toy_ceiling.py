@@ -32,9 +32,9 @@ from pipeline.errors import GdroError
 from pipeline.flow import flow_errors, sample_t
 from pipeline.model_folder import merge_lora
 from pipeline.prompt_files import load_prompts
+from pipeline.runs import lora_scale
 from pipeline.toy.prompts import sample_scene
 from pipeline.toy.world import render, to_unit
-from pipeline.runs import lora_scale
 from stages.toy_pretrain import PRETRAIN_T
 
 FULL_FT_LR = 1e-4
@@ -106,8 +106,7 @@ def main(cfg: ExperimentConfig, *, out: Path, lr: float | None = None, seed: int
     shutil.rmtree(out / "export", ignore_errors=True)
     tmp.rename(out / "export")
     info = {"steps": t.steps, "images_per_step": n, "params": "lora" if lora else "full", "lr": lr, "seed": seed,
-            "ema_decay": t.ema_decay,
-            "t_draws": t_draws, "t_law": draws["law"], "t_range": [draws["t_min"], draws["t_max"]],
+            "ema_decay": t.ema_decay, "t_draws": t_draws, "t_law": draws["law"], "t_range": [draws["t_min"], draws["t_max"]],
             "train_prompts": len(metas), "wall_s": round(wall, 1), "base": cfg.model.path,
             "train": to_dict(t)}
     (out / "ceiling.json").write_text(json.dumps(info, indent=1) + "\n")

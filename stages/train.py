@@ -34,6 +34,7 @@ from pipeline.losses import (
     PAIRWISE,
     group_loss,
     kl_penalty,
+    member_rows,
     pair_members,
     pairwise_accuracy,
 )
@@ -248,7 +249,7 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
                 # dpo / raft read each group's best and worst member only: errors for those two, not all G (the same
                 # loss and gradient, G / 2 times fewer forward and backward passes)
                 pick = pair_members(all_rewards)
-                flat = (torch.arange(n, device=device).unsqueeze(1) * G + pick).flatten()
+                flat = member_rows(pick, G)
                 x0, eps_g, t_g, cond = x0[flat], eps_g[flat], t_g[flat], cond[flat]
                 rewards, m = torch.gather(all_rewards, 1, pick), 2
                 if ref_cached is not None:

@@ -346,6 +346,17 @@ def test_pairwise_losses_on_the_two_picked_members_equal_the_whole_group(name):
     assert float(g_full[untouched].abs().max()) == 0.0  # why the other members need no forward pass
 
 
+def test_member_rows_are_the_picked_members_of_the_flattened_batch():
+    """member_rows indexes a batch flattened group by group ([N * G] rows) as gather indexes the [N, G] view."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.rand(7 * 5, 3, generator=gen)  # 7 groups of G = 5, a feature vector per member
+    pick = L.pair_members(torch.rand(7, 5, generator=gen))
+    rows = x[L.member_rows(pick, 5)]
+    want = torch.stack([x[i * 5 + int(pick[i, j])] for i in range(7) for j in range(2)])  # brute force
+    assert torch.equal(rows, want)
+    assert torch.equal(rows.view(7, 2, 3), x.view(7, 5, 3)[torch.arange(7).unsqueeze(1), pick])
+
+
 # ------------------------------------------------------------------------------------ averaging and signal
 @pytest.mark.parametrize("name", ["dgpo", "gdro-ce", "gdro-pl", "dpo"])
 def test_batch_without_signal_is_a_zero_loss_with_a_graph(name):
