@@ -21,6 +21,7 @@ from pathlib import Path
 
 from schemas import layout
 
+from .adapters import lora_scale
 from .errors import GdroError
 from .model_folder import export_dtype, host_weights, write_model_folder
 
@@ -107,11 +108,6 @@ def prune(ckdir: Path, keep: int) -> None:
     tags = sorted(p for p in Path(ckdir).glob("step_*") if p.is_dir())
     for old in tags[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def lora_scale(train) -> float:
-    """alpha / r of train.lora_alpha (0: the rank) and lora_rank; 0 without LoRA."""
-    return (train.lora_alpha or train.lora_rank) / train.lora_rank if train.lora_rank else 0.0
 
 
 def export(engine, cfg, folder: Path, *, lora: bool, rank: int, ema=None) -> Path | None:

@@ -164,19 +164,18 @@ def _bare_step(cfg, batch, velocity, device: torch.device, dtype: torch.dtype):
     """Plain PyTorch, the trainer's maths without the trainer: the same transformer with the same LoRA adapter
     and checkpointing, the reference forward with the adapter disabled, the policy forward, the velocity errors'
     difference plus the KL term, backward, torch AdamW on the adapter. No DeepSpeed, data loading or logging."""
+    from pipeline.adapters import add_lora
     from pipeline.backends.base import load_transformer
     from pipeline.flow import flow_errors
     from pipeline.losses import kl_penalty
-    from stages.train import lora_config
 
     t = cfg.train
     model = load_transformer(cfg.model.backend, cfg.model.path, dtype).to(device)
-    model.requires_grad_(False)
-    model.add_adapter(lora_config(t))
+    params = add_lora(model, t)
     if t.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
+    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
     def step(n: int | None = None):  # n: the first n images only (the FLOP count)
         x0, eps, tt, cond = batch

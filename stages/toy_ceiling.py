@@ -24,15 +24,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline.adapters import add_lora, merged_into
 from pipeline.backends.base import transformer_velocity
 from pipeline.backends.toy import ToyBackend
 from pipeline.config import ExperimentConfig, save_resolved, to_dict
 from pipeline.ema import update_module_ema
 from pipeline.errors import GdroError
 from pipeline.flow import flow_errors, sample_t
-from pipeline.model_folder import merge_lora
 from pipeline.prompt_files import load_prompts
-from pipeline.runs import lora_scale
 from pipeline.toy.prompts import sample_scene
 from pipeline.toy.world import render, to_unit
 from stages.toy_pretrain import PRETRAIN_T
@@ -65,12 +64,8 @@ def main(cfg: ExperimentConfig, *, out: Path, lr: float | None = None, seed: int
     metas = metas[: cfg.rollouts.num_prompts] if cfg.rollouts.num_prompts else metas
     base = ToyBackend.from_pretrained(cfg.model.path)
     policy = base.transformer.train()
-    if lora:  # the adapter `gdro train` trains (same config), on the frozen base
-        from stages.train import lora_config
-
-        policy.requires_grad_(False)
-        policy.add_adapter(lora_config(t))
-    params = [p for p in policy.parameters() if p.requires_grad]
+    # the adapter `gdro train` trains (same config), on the frozen base; or every weight
+    params = add_lora(policy, t) if lora else [p for p in policy.parameters() if p.requires_grad]
     ema = copy.deepcopy(policy).eval().requires_grad_(False) if t.ema_decay else None
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(t.warmup_steps, 1)))
@@ -96,9 +91,7 @@ def main(cfg: ExperimentConfig, *, out: Path, lr: float | None = None, seed: int
     wall = time.time() - t0
     fitted = (ema if ema is not None else policy).eval()
     if lora:  # a plain model folder: the adapter merged into the base weights, as `gdro train` exports
-        plain = ToyBackend.from_pretrained(cfg.model.path).transformer
-        plain.load_state_dict(merge_lora(fitted.state_dict(), lora_scale(t)))
-        fitted = plain.eval()
+        fitted = merged_into(ToyBackend.from_pretrained(cfg.model.path).transformer, fitted, t).eval()
     final = ToyBackend(fitted, base.text_encoder)
     tmp = out / "export.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

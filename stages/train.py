@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import runs
+from pipeline.adapters import add_lora
 from pipeline.backends.base import Conditioning, dataset_velocity, load_transformer
 from pipeline.config import ExperimentConfig, TrainConfig, save_resolved
 from pipeline.distributed import deepspeed_config, init_distributed, print0
@@ -43,14 +44,6 @@ from pipeline.train_data import check_datasets, group_batches
 from schemas.seeds import noise_for
 
 LORA_TARGETS = TrainConfig().lora_targets  # the default: every attention projection of these names
-
-
-def lora_config(t: TrainConfig):
-    """peft's LoraConfig of train.lora_rank, lora_alpha (0: the rank) and lora_targets."""
-    from peft import LoraConfig
-
-    return LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha or t.lora_rank, init_lora_weights="gaussian",
-                      target_modules=list(t.lora_targets))
 
 
 def resolve_reference(mode: str, manifest: dict, lora: bool, needs_velocity: bool = False) -> str:
@@ -172,8 +165,7 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
     transformer = load_transformer(cfg.model.backend, cfg.model.path, dtype)  # no float32 copy of a bf16 model
     reference = _frozen_copy(transformer, device, dtype) if ref_mode == "copy" else None
     if lora:
-        transformer.requires_grad_(False)
-        transformer.add_adapter(lora_config(t))
+        add_lora(transformer, t)
     if t.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()

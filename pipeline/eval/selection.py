@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from ..model_folder import export_dtype, host_weights
-from ..runs import BEST, SELECTION, lora_scale, save_best, trim_jsonl
+from ..adapters import lora_scale
+from ..runs import BEST, SELECTION, save_best, trim_jsonl
 from .stats import CorrectedConfig, corrected_scores, overall
 
 

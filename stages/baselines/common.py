@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.backends.base import Conditioning, backend_from_config, velocity_fn
+from pipeline.adapters import add_lora, merged_into
+from pipeline.backends.base import Conditioning, backend_from_config, load_transformer, velocity_fn
 from pipeline.config import ExperimentConfig, save_resolved
 from pipeline.errors import GdroError
 from pipeline.eval.fixed_noise import eval_rewards, evaluate_backend, verifier_of
@@ -59,6 +60,8 @@ def setup(cfg: ExperimentConfig) -> Online:
     policy = backend.transformer
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     policy.train().requires_grad_(True)
+    # the parameters `gdro train` trains: the run's LoRA adapter when train.lora_rank > 0, else every weight
+    params = add_lora(policy, cfg.train) if cfg.train.lora_rank else list(policy.parameters())
     pool = load_prompts(cfg.rollouts.prompts)
     pool = pool[: cfg.rollouts.num_prompts] if cfg.rollouts.num_prompts else pool
     if cfg.online.groups > len(pool):
@@ -69,7 +72,7 @@ def setup(cfg: ExperimentConfig) -> Online:
         raise GdroError(f"train.reward_weights names {', '.join(missing)}, absent from rollouts.rewards (where "
                         f"the online baselines take each reward's parameters)")
     rewards = [make_reward(n, cfg.rollouts.rewards[n]) for n in names]
-    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.online.lr or cfg.train.lr,
+    opt = torch.optim.AdamW(params, lr=cfg.online.lr or cfg.train.lr,
                             weight_decay=cfg.train.weight_decay)
     return Online(cfg, backend, velocity_fn(cfg.model.backend, guidance=cfg.sampler.guidance), reference, pool,
                   rewards, opt, cfg.rollouts.group_size)
@@ -176,6 +179,9 @@ def run(cfg: ExperimentConfig, iterate: Callable[[Online, int], dict], name: str
         tmp = out / "export.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         s.policy.eval()
+        if cfg.train.lora_rank:  # a plain model folder, the adapter merged, as `gdro train` exports
+            s.backend.transformer = merged_into(load_transformer(cfg.model.backend, cfg.model.path), s.policy,
+                                                cfg.train).eval()
         s.backend.save_pretrained(tmp)
         shutil.rmtree(out / "export", ignore_errors=True)
         tmp.rename(out / "export")

@@ -149,7 +149,7 @@ def test_sd35_presets_adapt_dgpo_lora_targets(preset):
     from diffusers import SD3Transformer2DModel
 
     from pipeline.config import ExperimentConfig, resolve
-    from stages.train import lora_config
+    from pipeline.adapters import lora_config
 
     torch.manual_seed(0)
     model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,

@@ -1,0 +1,36 @@
+"""The LoRA adapter a run trains (train.lora_rank, lora_alpha, lora_targets), for every trainer that trains one:
+`gdro train`, the toy world's ground-truth ceiling and the online baselines, so that a comparison between them
+trains the same parameters."""
+from __future__ import annotations
+
+import torch
+
+from .config import TrainConfig
+from .model_folder import merge_lora
+
+
+def lora_scale(t: TrainConfig) -> float:
+    """alpha / r of train.lora_alpha (0: the rank) and lora_rank; 0 without LoRA."""
+    return (t.lora_alpha or t.lora_rank) / t.lora_rank if t.lora_rank else 0.0
+
+
+def lora_config(t: TrainConfig):
+    """peft's LoraConfig of train.lora_rank, lora_alpha (0: the rank) and lora_targets."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha or t.lora_rank, init_lora_weights="gaussian",
+                      target_modules=list(t.lora_targets))
+
+
+def add_lora(module: torch.nn.Module, t: TrainConfig) -> list[torch.nn.Parameter]:
+    """Freeze `module` and add the run's adapter to it; returns the parameters left to train (the adapter's)."""
+    module.requires_grad_(False)
+    module.add_adapter(lora_config(t))
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def merged_into(plain: torch.nn.Module, adapted: torch.nn.Module, t: TrainConfig) -> torch.nn.Module:
+    """`plain` (a fresh denoiser of the base's class, without adapter) holding `adapted`'s weights with its
+    adapter merged (W + alpha / r B A): the model folder a LoRA run exports, loadable without peft."""
+    plain.load_state_dict(merge_lora(adapted.state_dict(), lora_scale(t)))
+    return plain
