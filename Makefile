@@ -50,7 +50,7 @@ eval: setup ## evaluate a trained run against the reference
 rounds: setup ## ROUNDS rounds of rollouts from the current model -> train -> eval (runs/rounds; resumable)
 	$(BIN)/gdro rounds --rounds $(ROUNDS) --preset $(PRESET) $(ARGS)
 
-offline-vs-online: setup ## offline gdro, rounds and the online baselines vs. wall-clock (~65 min; docs/offline_vs_online.md)
+offline-vs-online: setup ## offline gdro, rounds and the online baselines vs. wall-clock (~60 min; docs/offline_vs_online.md)
 	$(BIN)/gdro offline-vs-online --preset $(PRESET) --ceiling train --docs docs $(ARGS)
 
 hack-demo: setup ## reward hacking, caught (docs/evaluation.md): rollouts -> train -> eval of preset toy_hack, ~10 min

@@ -316,8 +316,9 @@ class EvalConfig:
 class OnlineConfig:
     """The online baselines (stages/baselines/, `gdro online`): kept for comparison, not product recipes.
     Each iteration samples from the current policy, scores, and updates; the model, prompt pool (rollouts.prompts,
-    rollouts.num_prompts), group size, rewards (train.reward_weights over rollouts.rewards), beta, adv_clip, lr
-    and the evaluation (eval.*) are the product's keys, so every method runs on the same task."""
+    rollouts.num_prompts), group size, rewards (train.reward_weights over rollouts.rewards), beta, adv_clip, lr,
+    the trained parameters (train.lora_rank / lora_targets: the same adapter as `gdro train`, or every weight) and
+    the evaluation (eval.*) are the product's keys, so every method runs on the same task."""
     method: Literal["dgpo", "nft", "flow-grpo"] = "dgpo"  # dgpo: DGPO's online loop (ODE rollouts, shared (t, eps)
     # per group, frozen reference + KL) | nft: DiffusionNFT (ODE rollouts, the sampling model as v_old) | flow-grpo:
     # SDE rollouts with per-step log-probabilities, clipped ratio, KL (arXiv 2505.05470)
