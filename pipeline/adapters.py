@@ -29,8 +29,16 @@ def add_lora(module: torch.nn.Module, t: TrainConfig) -> list[torch.nn.Parameter
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def merged_into(plain: torch.nn.Module, adapted: torch.nn.Module, t: TrainConfig) -> torch.nn.Module:
-    """`plain` (a fresh denoiser of the base's class, without adapter) holding `adapted`'s weights with its
-    adapter merged (W + alpha / r B A): the model folder a LoRA run exports, loadable without peft."""
+def trainable(module: torch.nn.Module, t: TrainConfig, lora: bool) -> list[torch.nn.Parameter]:
+    """The parameters a trainer optimises: the run's adapter (added here) with LoRA, else every trainable weight."""
+    return add_lora(module, t) if lora else [p for p in module.parameters() if p.requires_grad]
+
+
+def merged(adapted: torch.nn.Module, backend: str, base_path: str, t: TrainConfig) -> torch.nn.Module:
+    """A fresh plain denoiser of the base (`backend`, `base_path`) holding `adapted`'s weights with its adapter
+    merged (W + alpha / r B A): the model folder a LoRA run exports, loadable without peft."""
+    from .backends.base import load_transformer
+
+    plain = load_transformer(backend, base_path)
     plain.load_state_dict(merge_lora(adapted.state_dict(), lora_scale(t)))
     return plain

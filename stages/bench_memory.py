@@ -83,7 +83,7 @@ def run_phase(kind: str, model: Path, phase: str, lora: bool) -> dict:
     from pipeline.backends.base import Conditioning, latent_shape_of, load_transformer, velocity_fn
     from pipeline.distributed import init_distributed
     from pipeline.runs import export
-    from pipeline.adapters import add_lora
+    from pipeline.adapters import trainable
     from stages.train import ds_config
 
     torch.set_num_threads(1)
@@ -99,7 +99,7 @@ def run_phase(kind: str, model: Path, phase: str, lora: bool) -> dict:
     if phase == "load":
         return result
     with PeakRSS() as step:
-        params = add_lora(tr, cfg.train) if lora else [p for p in tr.parameters() if p.requires_grad]
+        params = trainable(tr, cfg.train, lora)
         opt = torch.optim.AdamW(params, lr=1e-5)
         engine, *_ = deepspeed.initialize(model=tr, optimizer=opt, config=ds_config(cfg.train, 1, True))
         shape = latent_shape_of(kind, str(model), 32)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.adapters import add_lora, merged_into
+from pipeline.adapters import merged, trainable
 from pipeline.backends.base import transformer_velocity
 from pipeline.backends.toy import ToyBackend
 from pipeline.config import ExperimentConfig, save_resolved, to_dict
@@ -64,8 +64,7 @@ def main(cfg: ExperimentConfig, *, out: Path, lr: float | None = None, seed: int
     metas = metas[: cfg.rollouts.num_prompts] if cfg.rollouts.num_prompts else metas
     base = ToyBackend.from_pretrained(cfg.model.path)
     policy = base.transformer.train()
-    # the adapter `gdro train` trains (same config), on the frozen base; or every weight
-    params = add_lora(policy, t) if lora else [p for p in policy.parameters() if p.requires_grad]
+    params = trainable(policy, t, lora)  # the adapter `gdro train` trains (same config), on the frozen base
     ema = copy.deepcopy(policy).eval().requires_grad_(False) if t.ema_decay else None
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(t.warmup_steps, 1)))
@@ -91,7 +90,7 @@ def main(cfg: ExperimentConfig, *, out: Path, lr: float | None = None, seed: int
     wall = time.time() - t0
     fitted = (ema if ema is not None else policy).eval()
     if lora:  # a plain model folder: the adapter merged into the base weights, as `gdro train` exports
-        fitted = merged_into(ToyBackend.from_pretrained(cfg.model.path).transformer, fitted, t).eval()
+        fitted = merged(fitted, cfg.model.backend, cfg.model.path, t).eval()
     final = ToyBackend(fitted, base.text_encoder)
     tmp = out / "export.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import runs
-from pipeline.adapters import add_lora
+from pipeline.adapters import trainable
 from pipeline.backends.base import Conditioning, dataset_velocity, load_transformer
 from pipeline.config import ExperimentConfig, TrainConfig, save_resolved
 from pipeline.distributed import deepspeed_config, init_distributed, print0
@@ -164,12 +164,10 @@ def main(cfg: ExperimentConfig, *, resume: bool | None = None) -> Path:
     dtype = torch.bfloat16 if bf16 else torch.float32  # DeepSpeed casts the engine's module and inputs to it
     transformer = load_transformer(cfg.model.backend, cfg.model.path, dtype)  # no float32 copy of a bf16 model
     reference = _frozen_copy(transformer, device, dtype) if ref_mode == "copy" else None
-    if lora:
-        add_lora(transformer, t)
+    params = trainable(transformer, t, lora)  # the adapter is added here, before checkpointing and train mode
     if t.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
-    params = [p for p in transformer.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)  # counted before ZeRO-3 partitions them away (numel 0)
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, t.warmup_steps)))

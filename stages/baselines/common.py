@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.adapters import add_lora, merged_into
-from pipeline.backends.base import Conditioning, backend_from_config, load_transformer, velocity_fn
+from pipeline.adapters import merged, trainable
+from pipeline.backends.base import Conditioning, backend_from_config, velocity_fn
 from pipeline.config import ExperimentConfig, save_resolved
 from pipeline.errors import GdroError
 from pipeline.eval.fixed_noise import eval_rewards, evaluate_backend, verifier_of
@@ -61,7 +61,7 @@ def setup(cfg: ExperimentConfig) -> Online:
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     policy.train().requires_grad_(True)
     # the parameters `gdro train` trains: the run's LoRA adapter when train.lora_rank > 0, else every weight
-    params = add_lora(policy, cfg.train) if cfg.train.lora_rank else list(policy.parameters())
+    params = trainable(policy, cfg.train, cfg.train.lora_rank > 0)
     pool = load_prompts(cfg.rollouts.prompts)
     pool = pool[: cfg.rollouts.num_prompts] if cfg.rollouts.num_prompts else pool
     if cfg.online.groups > len(pool):
@@ -180,8 +180,7 @@ def run(cfg: ExperimentConfig, iterate: Callable[[Online, int], dict], name: str
         shutil.rmtree(tmp, ignore_errors=True)
         s.policy.eval()
         if cfg.train.lora_rank:  # a plain model folder, the adapter merged, as `gdro train` exports
-            s.backend.transformer = merged_into(load_transformer(cfg.model.backend, cfg.model.path), s.policy,
-                                                cfg.train).eval()
+            s.backend.transformer = merged(s.policy, cfg.model.backend, cfg.model.path, cfg.train).eval()
         s.backend.save_pretrained(tmp)
         shutil.rmtree(out / "export", ignore_errors=True)
         tmp.rename(out / "export")
