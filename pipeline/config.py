@@ -66,7 +66,7 @@ class ToyPretrainConfig:
     # kinds whose captions are noisy (= toy.prompts.NOISY_KINDS; checked against PERTURBED_KINDS by the recipe)
     noisy_kinds: list[str] = field(default_factory=lambda: ["two_object", "counting", "position"])
     relation_noise: str = "other"  # a noisy relation is drawn on: other (any other side) | opposite (the first base)
-    count_noise: str = "either"  # a noisy count n is drawn as: either (n - 1 or n + 1) | up (n + 1; n - 1 at the top)
+    count_noise: str = "either"  # a noisy count n is drawn as: either (n - 1 or n + 1) | up (n + 1; n - 1 at the top) | down (n - 1)
     color_noise: str = "other"  # a noisy colour is: other (any other colour) | next (the palette's next one)
     seed: int = 0
     init: str = ""  # a toy model folder to start from (continued pre-training); "" = random weights from `seed`
@@ -92,7 +92,7 @@ class ToyPretrainConfig:
     state_every: int = 100  # steps between resumable states (<out>/state/); a rerun of the same config resumes
 
     NOISE_CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
-        "relation": ("other", "opposite"), "count": ("either", "up"), "color": ("other", "next")}
+        "relation": ("other", "opposite"), "count": ("either", "up", "down"), "color": ("other", "next")}
 
     def check(self, key: str) -> None:
         for name in ("steps", "batch_size", "lr", "warmup_steps", "threads", "eval_every", "eval_n",

@@ -179,10 +179,12 @@ class CaptionNoise:
     caption's fact the likeliest at any rate < 1 - 1/k (k the number of alternatives); a one-sided one makes a
     single wrong fact the likeliest above rate 1/2, which guidance at sampling then amplifies."""
     relation: str = "other"  # other: any other side | opposite: the opposite side (one-sided)
-    count: str = "either"  # either: n - 1 or n + 1 | up: n + 1, n - 1 at the world's largest count (one-sided)
+    # either: n - 1 or n + 1 | up: n + 1, n - 1 at the world's largest count (one-sided) | down: n - 1 (one-sided:
+    # an omission, the count kind's analogue of a dropped object)
+    count: str = "either"
     color: str = "other"  # other: any other colour | next: the next colour of the palette (one-sided)
 
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"relation": ("other", "opposite"), "count": ("either", "up"), "color": ("other", "next")}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"relation": ("other", "opposite"), "count": ("either", "up", "down"), "color": ("other", "next")}
 
     def __post_init__(self):
         for name, allowed in self.CHOICES.items():
@@ -197,7 +199,7 @@ def perturb(meta: dict, rng: np.random.Generator, how: CaptionNoise = DEFAULT_NO
     """The metadata of a scene that differs from `meta` in one compositional fact (its caption is not changed:
     the caller pairs the original caption with a render of this scene). Single-object prompts come back as
     they are. Per kind: two objects -> one of them missing; a count n -> n - 1 or n + 1 (within 1..4;
-    ``how.count="up"``: n + 1, or n - 1 at the world's largest count); a colour -> another colour
+    ``how.count="up"``: n + 1, or n - 1 at the world's largest count; ``"down"``: n - 1); a colour -> another colour
     (``how.color="next"``: the palette's next one); a relation -> one of the three others
     (``how.relation="opposite"``: its opposite); two coloured objects -> their colours swapped (one
     recoloured if they share a colour)."""
@@ -210,6 +212,8 @@ def perturb(meta: dict, rng: np.random.Generator, how: CaptionNoise = DEFAULT_NO
         options = [m for m in (n - 1, n + 1) if 1 <= m <= max(NUMBERS)]
         if how.count == "up":  # one-sided: the caption's count is no longer the likeliest at rates > 1/2
             options = options[-1:]
+        elif how.count == "down":  # one-sided the other way (every count of the world is >= 2)
+            options = options[:1]
         inc[0]["count"] = options[int(rng.integers(len(options)))]
         return {**meta, "include": inc, "exclude": [{**inc[0], "count": inc[0]["count"] + 1}]}
     elif kind == "colors":

@@ -86,18 +86,21 @@ def test_a_noisy_relation_is_another_side():
     assert {perturb(meta, rng, CaptionNoise(relation="opposite"))["include"][1]["position"][0] for _ in range(20)} == {"right of"}
 
 
-def test_a_noisy_count_is_one_sided_with_count_up():
+def test_a_noisy_count_is_one_sided_with_count_up_or_down():
     """"either": n - 1 and n + 1 both appear (within 1..4), so the caption's count stays the mode of the drawn
-    counts at any rate; "up": always n + 1 (n - 1 at the world's largest count), so above rate 1/2 the mode is off."""
+    counts at any rate; "up": always n + 1 (n - 1 at the world's largest count), so above rate 1/2 the mode is off;
+    "down": always n - 1 (an omission)."""
     rng = np.random.default_rng(3)
-    for n, up, either in ((2, {3}, {1, 3}), (3, {4}, {2, 4}), (4, {3}, {3})):
+    for n, up, down, either in ((2, {3}, {1}, {1, 3}), (3, {4}, {2}, {2, 4}), (4, {3}, {3}, {3})):
         meta = next(p for p in all_prompts() if p["tag"] == "counting" and p["include"][0]["count"] == n)
         assert {perturb(meta, rng, CaptionNoise(count="up"))["include"][0]["count"] for _ in range(40)} == up, n
+        assert {perturb(meta, rng, CaptionNoise(count="down"))["include"][0]["count"] for _ in range(40)} == down, n
         assert {perturb(meta, rng)["include"][0]["count"] for _ in range(40)} == either, n
-        for _ in range(5):  # the drawn scene has the perturbed count, which fails the caption
-            scene = noisy_scene(meta, rng, CaptionNoise(count="up"))
-            assert sum(o.shape == meta["include"][0]["class"] for o in scene) in up
-            assert not verify(render(scene), meta)[0].strict
+        for how, drawn in (("up", up), ("down", down)):
+            for _ in range(5):  # the drawn scene has the perturbed count, which fails the caption
+                scene = noisy_scene(meta, rng, CaptionNoise(count=how))
+                assert sum(o.shape == meta["include"][0]["class"] for o in scene) in drawn
+                assert not verify(render(scene), meta)[0].strict
 
 
 def test_pretraining_pairs_are_noisy_at_the_configured_rate_on_the_noisy_kinds_only():
@@ -130,12 +133,12 @@ def test_noise_settings_are_checked(tmp_path):
     with pytest.raises(GdroError, match="relation_noise"):
         ToyPretrainConfig(relation_noise="sideways").check("")
     with pytest.raises(GdroError, match="count_noise"):
-        ToyPretrainConfig(count_noise="down").check("")
+        ToyPretrainConfig(count_noise="sideways").check("")
     with pytest.raises(GdroError, match="color_noise"):
         ToyPretrainConfig(color_noise="any").check("")
     assert ToyPretrainConfig.NOISE_CHOICES == CaptionNoise.CHOICES  # the config checks what the world accepts
     with pytest.raises(ValueError, match="count noise"):
-        CaptionNoise(count="down")
+        CaptionNoise(count="sideways")
 
 
 def test_a_noisy_colour_is_the_palettes_next_one_with_color_next():
